@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -30,11 +31,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 1. Data                                                                                      │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 DATASETS = ("cifar10", "mnist", "fashionmnist", "folder", "synthetic")
+
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary file, then rename it to path: an interrupted run never leaves half a file."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Data(NamedTuple):
@@ -46,9 +58,7 @@ class Data(NamedTuple):
 
 
 def augment(x, pad, gen):
-    """Random crop (zero padding of `pad` pixels) and horizontal flip of a whole batch (B, C, H, W).
-
-    One gather with per-image row and column indices does both, instead of a Python loop per image."""
+    """Random crop (zero padding of `pad` pixels) and horizontal flip of a batch (B, C, H, W), in one gather."""
     B, C, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy, dx = torch.randint(0, 2 * pad + 1, (2, B, 1), generator=gen, device=x.device)
@@ -62,8 +72,8 @@ def augment(x, pad, gen):
 
 
 def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0):
-    """Class-structured uint8 images: each class owns 4 smooth random prototypes; an image is one of
-    them, shifted and mirrored, with random contrast and pixel noise. Deterministic given the seed."""
+    """Class-structured uint8 images: each class owns 4 smooth random prototypes; an image is one of them,
+    shifted, mirrored, with random contrast and noise. Deterministic given the seed."""
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes * 4, channels, 4, 4, generator=gen)
     protos = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
@@ -81,32 +91,31 @@ def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0)
 
 def read_folder(root):
     """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from PIL import Image  # Pillow comes with torchvision
 
-    root = Path(root)
-    halves = {}
+    root, out = Path(root), []
     for half in ("train", "test"):
         if not (root / half).is_dir():
             raise ValueError(f"--data-dir {root}: no {half}/ folder; expected {root}/{half}/<class>/<image>")
-        halves[half] = sorted(p.name for p in (root / half).iterdir() if p.is_dir())
-    if halves["train"] != halves["test"]:
-        raise ValueError(f"--data-dir {root}: train/ has classes {halves['train']} but test/ has {halves['test']}")
-    out = []
+    classes, test_classes = (sorted(p.name for p in (root / h).iterdir() if p.is_dir()) for h in ("train", "test"))
+    if classes != test_classes:
+        raise ValueError(f"--data-dir {root}: train/ has classes {classes} but test/ has {test_classes}")
     for half in ("train", "test"):
-        files = [(f, k) for k, name in enumerate(halves["train"]) for f in sorted((root / half / name).iterdir())]
-        if not files:
-            raise ValueError(f"--data-dir {root}: {half}/ holds no images")
-        images = [decode_image(read_file(str(f)), mode=ImageReadMode.RGB) for f, _ in files]
-        if len({img.shape for img in images}) > 1:
-            raise ValueError(f"--data-dir {root}: images of different sizes in {half}/; resize them to one size")
+        files = [(f, k) for k, name in enumerate(classes) for f in sorted((root / half / name).iterdir())]
+        try:
+            images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files]
+        except OSError as err:
+            raise ValueError(f"--data-dir {root}: a file in {half}/ is not a readable image ({err})") from None
+        if not images or len({img.shape for img in images}) > 1:
+            raise ValueError(f"--data-dir {root}: {half}/ holds no images, or images of different sizes")
         out += [torch.stack(images), torch.tensor([k for _, k in files])]
-    return (*out, halves["train"])
+    return (*out, classes)
 
 
 def read_torchvision(name, data_dir):
     """Download (if needed) and decode a torchvision data set into uint8 tensors (N, C, H, W)."""
     import torchvision.datasets as tvd
-
     cls = {"cifar10": tvd.CIFAR10, "mnist": tvd.MNIST, "fashionmnist": tvd.FashionMNIST}[name]
     try:
         train, test = (cls(str(data_dir), train=flag, download=True) for flag in (True, False))
@@ -122,8 +131,7 @@ def read_torchvision(name, data_dir):
 
 
 def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, image_size=32):
-    """Decode a data set once (cached as uint8 in data_dir), normalise once, keep it on `device`.
-
+    """Decode a data set once (cached as uint8 in data_dir), normalise it once, keep it on `device`.
     train_size/test_size keep the first images (synthetic: how many to generate, default 10000/2000)."""
     if name not in DATASETS:
         raise ValueError(f"--dataset {name}: unknown; choose from {', '.join(DATASETS)}")
@@ -133,18 +141,14 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
         data_dir = Path(data_dir)
         if data_dir.exists() and not data_dir.is_dir():
             raise ValueError(f"--data-dir {data_dir}: is a file, not a folder")
-        if name == "folder":  # the cache is keyed on the file listing, so new or removed images rebuild it
-            files = [*data_dir.glob("train/*/*"), *data_dir.glob("test/*/*")]
-            listing = sorted(str(p.relative_to(data_dir)) for p in files)
-            key = hashlib.sha1("\n".join(listing).encode()).hexdigest()[:12]
-        else:
-            key = "v1"
-        cache = data_dir / f"{name}-{key}-uint8.pt"
-        if cache.exists():
+        # A folder's cache is named after its file listing: added or removed images make a new one.
+        listing = sorted(str(p.relative_to(data_dir)) for p in data_dir.glob("t*/*/*")) if name == "folder" else []
+        cache = data_dir / f"{name}-{hashlib.sha1(str(listing).encode()).hexdigest()[:10]}-uint8.pt"
+        try:
             tx, ty, vx, vy, classes = torch.load(cache, weights_only=True)
-        else:
+        except Exception:  # no cache yet, or a damaged one: decode again
             tx, ty, vx, vy, classes = read_folder(data_dir) if name == "folder" else read_torchvision(name, data_dir)
-            save_atomic((tx, ty, vx, vy, classes), cache)
+            write_atomic(cache, lambda tmp: torch.save((tx, ty, vx, vy, classes), tmp))
     tx, ty, vx, vy = tx[:train_size], ty[:train_size], vx[:test_size], vy[:test_size]
     if len(tx) == 0 or len(vx) == 0:
         raise ValueError(f"--dataset {name}: empty data set ({len(tx)} training, {len(vx)} test images)")
@@ -186,15 +190,6 @@ class ConvNet(nn.Module):
         return self.fc2(x)  # (B, num_classes) logits
 
 
-def forward_flops(model, image_size):
-    """Multiply-adds x 2 of one image's forward pass, from the layer shapes (pooling and ReLU ignored)."""
-    flops, side = 0, image_size
-    for conv in (model.conv1, model.conv2, model.conv3):
-        flops += 2 * conv.weight.numel() * side * side
-        side //= 2
-    return flops + 2 * (model.fc1.weight.numel() + model.fc2.weight.numel())
-
-
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 3. Training the endpoints                                                                    │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
@@ -216,8 +211,7 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr, weight_decay, augm
         t0, data_s, loss_sum, correct = time.perf_counter(), 0.0, 0.0, 0
         perm = torch.randperm(len(x), generator=gen, device=x.device)
         for i in range(steps):
-            d0 = time.perf_counter()
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            d0, idx = time.perf_counter(), perm[i * batch_size:(i + 1) * batch_size]
             xb, yb = x[idx], y[idx]
             if augment_pad:
                 xb = augment(xb, augment_pad, gen).contiguous(memory_format=torch.channels_last)
@@ -226,9 +220,9 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr, weight_decay, augm
                 group["lr"] = one_cycle_lr(epoch * steps + i, epochs * steps, lr)
             logits, penalty = forward(xb)
             loss = F.cross_entropy(logits, yb)
-            if not math.isfinite(loss.item()):
-                raise ValueError(f"{name}: the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1} "
-                                 f"(--lr {lr}); training diverged, try a smaller learning rate")
+            if not math.isfinite(loss.item()):  # stop before a NaN reaches the weights or a checkpoint
+                raise ValueError(f"{name}: loss {loss.item()} at epoch {epoch + 1}, step {i + 1}: training diverged "
+                                 f"with --lr {lr}; try a smaller --lr")
             opt.zero_grad(set_to_none=True)
             (loss + penalty).backward()
             opt.step()
@@ -290,15 +284,10 @@ COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, batch_size=128, lr=0.05,
                 weight_decay=5e-4, augment_pad=4, seed=0, log=print):
-    """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the bends + 2 - 2 middle control points.
-
-    Each batch draws one t, interpolates every weight tensor and runs `model` with those weights.
-    The endpoints w1, w2 are never optimised; the middle points start on the straight line.
-    Returns (points, history): points is the list of n control-point dicts, endpoints included."""
-    n = bends + 2
-    w1 = {k: v.detach() for k, v in w1.items()}
-    w2 = {k: v.detach() for k, v in w2.items()}
-    middle = [{k: nn.Parameter(w1[k] + k_ / (n - 1) * (w2[k] - w1[k])) for k in w1} for k_ in range(1, n - 1)]
+    """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the middle control points only (they
+    start on the straight line). Returns (points, history), points = [w1, middle..., w2] as dicts."""
+    n, w1, w2 = bends + 2, {k: v.detach() for k, v in w1.items()}, {k: v.detach() for k, v in w2.items()}
+    middle = [{k: nn.Parameter(w1[k] + i / (n - 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, n - 1)]
     points = [w1, *middle, w2]
     t_gen = torch.Generator().manual_seed(seed + 12345)
 
@@ -336,7 +325,6 @@ def barrier(values, ts):
 
 def sweep(model, points, coeffs, ts, data, eval_train, batch_size=256):
     """Loss and accuracy at each t on the curve and on the straight line w1 -> w2.
-
     Returns (metrics, test_log_probs): metrics[path][key] lists, test_log_probs[path] is (T, N, C)."""
     n_train = min(eval_train, len(data.train_x))
     paths = {"curve": (points, coeffs), "line": ([points[0], points[-1]], bezier_coeffs)}
@@ -359,10 +347,8 @@ def sweep(model, points, coeffs, ts, data, eval_train, batch_size=256):
 # │ 7. Ensembling                                                                                │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 def ensemble_metrics(log_probs, y, bins=15):
-    """Accuracy, NLL and ECE of the ensemble that averages the probabilities of K members.
-
-    log_probs: (K, N, C). NLL = -mean log( 1/K sum_k p_k(y) ), computed as logsumexp - log K.
-    ECE = sum over confidence bins of |accuracy - confidence| weighted by the bin's share of images."""
+    """Accuracy, NLL = -mean log(1/K sum_k p_k(y)) and ECE of the mean of K members' probabilities.
+    log_probs: (K, N, C). ECE = sum over confidence bins of (bin's share) x |accuracy - confidence|."""
     mean_log_p = torch.logsumexp(log_probs, 0) - math.log(log_probs.shape[0])  # (N, C)
     nll = -mean_log_p.gather(1, y[:, None]).mean().item()
     conf, pred = mean_log_p.exp().max(1)
@@ -392,11 +378,9 @@ def dot(p, q):
 
 
 def plane_axes(w1, w2, theta, plane="squeezed"):
-    """Origin o and directions e1, e2 of the plane through w1, w2, theta; a grid point is o + a e1 + b e2.
-
-    squeezed: o = theta, e1 = w1 - theta, e2 = w2 - theta (w1 -> (1,0), w2 -> (0,1), theta -> (0,0)).
-    orthonormal: o = w1, e1 along w2 - w1, e2 the Gram-Schmidt part of theta - w1, both of length
-    ||w2 - w1|| (so w2 -> (1,0) and distances are Euclidean in units of ||w2 - w1||)."""
+    """Origin o and directions e1, e2 of the plane through w1, w2, theta; (a, b) means o + a e1 + b e2.
+    squeezed: o = theta, e1 = w1 - theta, e2 = w2 - theta, so w1 -> (1,0), w2 -> (0,1), theta -> (0,0).
+    orthonormal: o = w1, e1 = w2 - w1, e2 = Gram-Schmidt part of theta - w1 scaled to ||w2 - w1||."""
     if plane == "squeezed":
         return theta, curve_point([w1, theta], [1, -1]), curve_point([w2, theta], [1, -1])
     if plane != "orthonormal":
@@ -408,8 +392,7 @@ def plane_axes(w1, w2, theta, plane="squeezed"):
 
 
 def plane_coords(w, origin, e1, e2):
-    """(a, b) minimising ||w - (origin + a e1 + b e2)||: exact for points in the plane, the orthogonal
-    projection for the rest (used to draw curves with more than one bend)."""
+    """(a, b) minimising ||w - (origin + a e1 + b e2)||: exact in the plane, a projection off it."""
     d = curve_point([w, origin], [1, -1])
     g11, g12, g22, r1, r2 = dot(e1, e1), dot(e1, e2), dot(e2, e2), dot(d, e1), dot(d, e2)
     det = g11 * g22 - g12 * g12
@@ -425,33 +408,16 @@ def landscape(model, origin, e1, e2, coords, x, y, batch_size=256):
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 9. Plots                                                                                     │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # draw to files only, never to a screen
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path):
-    tmp = Path(f"{path}.tmp")
-    try:  # a temporary file, then rename: an interrupted run never leaves half a PNG
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        _pyplot().close(fig)
-
-
+# Each figure is a matplotlib Figure drawn straight to a PNG file (Agg renderer): no pyplot, no window.
 def plot_landscape(losses, coords, curve_xy, line_xy, marks, plane, title, path):
-    """Filled contour of the loss grid (log-spaced levels) with the curve, the line and the marks
-    (name -> (a, b)), e.g. w1, w2 and theta."""
+    """Filled contour of the loss grid (log levels), the curve, the line and marks {name: (a, b)}."""
     import numpy as np
     from matplotlib.colors import LogNorm
-    plt = _pyplot()
+    from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
-    levels = np.geomspace(z.min(), z.max(), 24)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    cs = ax.contourf(coords, coords, z, levels=levels, norm=LogNorm(z.min(), z.max()), cmap="viridis_r")
+    ax = (fig := Figure(figsize=(6, 5))).subplots()
+    cs = ax.contourf(coords, coords, z, levels=np.geomspace(z.min(), z.max(), 24), norm=LogNorm(z.min(), z.max()),
+                     cmap="viridis_r")
     fig.colorbar(cs, ax=ax, label="test loss (nats, log scale)", format="%.2g")
     ax.plot(*zip(*line_xy), "--", color="white", lw=1.5, label="straight line")
     ax.plot(*zip(*curve_xy), "-", color="tab:red", lw=2, label="trained curve")
@@ -461,104 +427,84 @@ def plot_landscape(losses, coords, curve_xy, line_xy, marks, plane, title, path)
     ax.set(xlabel="a" if plane == "squeezed" else "along w2 - w1 (units of ||w2 - w1||)",
            ylabel="b" if plane == "squeezed" else "towards theta (same units)", title=title)
     ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
 def plot_sweep(ts, metrics, title, path):
     """Test error and train loss along t, trained curve against straight line."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for path_name, style in (("curve", "o-"), ("line", "s--")):
-        m = metrics[path_name]
-        axes[0].plot(ts, [100 * (1 - a) for a in m["test_acc"]], style, label=path_name)
-        axes[1].plot(ts, m["train_loss"], style, label=path_name)
+    from matplotlib.figure import Figure
+    axes = (fig := Figure(figsize=(10, 3.8))).subplots(1, 2)
+    for name, style in (("curve", "o-"), ("line", "s--")):
+        axes[0].plot(ts, [100 * (1 - a) for a in metrics[name]["test_acc"]], style, label=name)
+        axes[1].plot(ts, metrics[name]["train_loss"], style, label=name)
     axes[0].set(xlabel="t", ylabel="test error (%)", title=title)
     axes[1].set(xlabel="t", ylabel="train loss (nats)", yscale="log", title="train loss along t")
     for ax in axes:
         ax.legend(), ax.grid(alpha=0.3)
-    _save(fig, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
 def plot_ensembles(ts, ens, title, path):
     """Accuracy, NLL and ECE of endpoints and ensembles, and the {w1, phi(t)} pair's accuracy along t."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), gridspec_kw={"wspace": 0.3})
+    from matplotlib.figure import Figure
+    axes = (fig := Figure(figsize=(17, 3.6))).subplots(1, 4, gridspec_kw={"wspace": 0.3})
     names = ["w1", "w2", "w1+w2", "curve"]
-    for ax, key, label in zip(axes, ("acc", "nll", "ece"), ("test accuracy", "test NLL (nats)", "ECE (15 bins)")):
+    for ax, key, label in zip(axes, ("acc", "nll", "ece"), (f"{title}: test accuracy", "test NLL (nats)", "ECE")):
         vals = [ens[n][key] for n in names]
-        ax.bar(names, vals, color=["tab:gray", "tab:gray", "tab:blue", "tab:red"])
-        spread = max(vals) - min(vals)
-        if key == "acc":
-            ax.set_ylim(min(vals) - spread - 0.01, max(vals) + spread / 2 + 0.005)
+        bars = ax.bar(names, vals, color=["tab:gray", "tab:gray", "tab:blue", "tab:red"])
+        ax.bar_label(bars, fmt="%.4f", fontsize=8)
+        if key == "acc":  # accuracies differ by a point or two: do not start the axis at 0
+            ax.set_ylim(min(vals) - 2 * (max(vals) - min(vals)) - 0.01, max(vals) + (max(vals) - min(vals)) + 0.005)
         ax.set(title=label), ax.grid(axis="y", alpha=0.3)
-        for i, v in enumerate(vals):
-            ax.annotate(f"{v:.4f}", (i, v), ha="center", va="bottom", fontsize=8)
-    axes[0].set_title(f"{title}\ntest accuracy", fontsize=10)
     ax = axes[3]
     ax.plot(ts, ens["pair_along_t"]["curve"], "o-", color="tab:red", label="{w1, phi(t)} on the curve")
     ax.plot(ts, ens["pair_along_t"]["line"], "s--", color="tab:gray", label="{w1, (1-t)w1 + t w2} on the line")
     ax.axhline(ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
     ax.set(xlabel="t", ylabel="test accuracy", title="two-model ensemble along t"), ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 10. Command line                                                                             │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted write never leaves half a file."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_stage(path, meta, resume, compute, log=print):
-    """Reuse the stage saved at `path` when resuming with the same configuration, else compute and save it.
-
-    A file that is unreadable or from another configuration is an error, never silently replaced."""
+    """Reuse the stage saved at `path` when resuming, else compute and save it. A saved file that is
+    unreadable or from another configuration is an error, never silently reused or replaced."""
     if path.exists():
         try:
             saved = torch.load(path, weights_only=True)
-            saved_meta = saved["meta"]
+            old = saved["meta"]
         except Exception as err:
-            raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it or choose another --out") from None
-        if saved_meta != meta:
-            diff = ", ".join(f"{k}={saved_meta.get(k)!r} (now {v!r})" for k, v in meta.items() if saved_meta.get(k) != v)
-            raise ValueError(f"{path}: checkpoint from a different configuration ({diff}); "
-                             f"delete it or choose another --out")
+            raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it or use another --out") from None
+        if old != meta:
+            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v)
+            raise ValueError(f"{path}: checkpoint of another configuration ({diff}); delete it or use another --out")
         if resume:
             log(f"resume: reusing {path}")
             return saved["result"]
     result = compute()
-    save_atomic({"meta": meta, "result": result}, path)
+    write_atomic(path, lambda tmp: torch.save({"meta": meta, "result": result}, tmp))
     return result
 
 
 def matmul_gflops(device, size=1024, seconds=1.0):
     """Float32 matrix-multiply rate of this machine (GFLOP/s), the reference for FLOP efficiency."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    a @ b
-    n, start = 0, time.perf_counter()
+    a, n, start = torch.randn(size, size, device=device), 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        c = a @ b
-        n += 1
-    c.sum().item()  # wait for an asynchronous device to finish
+        n, _ = n + 1, (a @ a).sum().item()  # .item() waits for an asynchronous device
     return 2 * size ** 3 * n / (time.perf_counter() - start) / 1e9
 
 
-def positive(kind):
+def number(kind, low, strict=False):
+    """argparse type: an int or float >= low (> low if strict); the error names the value and the rule."""
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0 or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected a positive "
-                                             f"{'integer' if kind is int else 'number'}")
+            assert math.isfinite(value) and (value > low if strict else value >= low)
+        except (ValueError, AssertionError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected {'an integer' if kind is int else 'a number'}"
+                                             f" {'>' if strict else '>='} {low}") from None
         return value
     return parse
 
@@ -573,39 +519,35 @@ QUICK = {"epochs": 4, "curve_epochs": 4, "train_subset": 4000, "test_subset": 10
 
 
 def build_parser():
-    p = Parser(prog="modeconnectivity.py", description="Train two networks, join them by a low-loss curve, "
-               "and measure the curve and the straight line between them.")
-    a = p.add_argument
+    p = Parser(prog="modeconnectivity.py", description="Train two networks, join them by a low-loss curve, and "
+               "compare the curve with the straight line between them.")
+    a, pos_int = p.add_argument, number(int, 1)
     a("--dataset", default="cifar10", choices=DATASETS, help="data set (default: cifar10)")
     a("--data-dir", default="data", help="where data sets are downloaded and cached; for 'folder', the folder "
       "holding train/<class>/ and test/<class>/ (default: data)")
-    a("--out", default=None, help="output folder (default: runs/<dataset>-<curve>)")
-    a("--label", default=None, help="data set name in plot titles (default: from --dataset)")
+    a("--out", help="output folder (default: runs/<dataset>-<curve>)")
+    a("--label", help="data set name in plot titles (default: from --dataset)")
     a("--curve", default="bezier", choices=sorted(COEFFS), help="curve family (default: bezier)")
-    a("--bends", type=positive(int), default=1, help="middle control points of the curve (default: 1)")
-    a("--width", type=positive(int), default=32, help="ConvNet channels: width, 2*width, 4*width (default: 32)")
-    a("--epochs", type=positive(int), default=30, help="epochs per endpoint (default: 30)")
-    a("--curve-epochs", type=positive(int), default=30, help="epochs of curve training (default: 30)")
-    a("--batch-size", type=positive(int), default=128, help="training batch size (default: 128)")
-    a("--lr", type=positive(float), default=0.05, help="peak learning rate, endpoints and curve (default: 0.05)")
-    a("--wd", type=float, default=5e-4, help="weight decay, as wd/2 ||w||^2 in the loss (default: 5e-4)")
+    a("--bends", type=pos_int, default=1, help="middle control points of the curve (default: 1)")
+    a("--width", type=pos_int, default=32, help="ConvNet channels: width, 2*width, 4*width (default: 32)")
+    a("--epochs", type=pos_int, default=30, help="epochs per endpoint (default: 30)")
+    a("--curve-epochs", type=pos_int, default=30, help="epochs of curve training (default: 30)")
+    a("--batch-size", type=pos_int, default=128, help="training batch size (default: 128)")
+    a("--lr", type=number(float, 0, strict=True), default=0.05, help="peak learning rate, endpoints and curve (default: 0.05)")
+    a("--wd", type=number(float, 0), default=5e-4, help="weight decay, as wd/2 ||w||^2 in the loss (default: 5e-4)")
     a("--no-augment", action="store_true", help="no random crop and flip (they are on for 3-channel images)")
     a("--seed", type=int, default=0, help="seed of the first endpoint; the second uses seed+1 (default: 0)")
-    a("--train-subset", type=positive(int), default=None, help="use the first N training images (default: all; "
-      "synthetic: generate N, default 10000)")
-    a("--test-subset", type=positive(int), default=None, help="use the first N test images (default: all; "
-      "synthetic: generate N, default 2000)")
-    a("--points", type=positive(int), default=21, help="evenly spaced t in [0, 1] for the sweep (default: 21)")
-    a("--eval-train", type=positive(int), default=10000, help="training images for train loss along t (default: 10000)")
-    a("--eval-test", type=positive(int), default=2000, help="test images per landscape grid point (default: 2000)")
-    a("--eval-batch", type=positive(int), default=256, help="evaluation batch size (default: 256, fastest measured here)")
-    a("--grid", type=positive(int), default=21, help="landscape grid lines per axis (default: 21)")
-    a("--range", type=float, nargs=2, default=[-0.5, 1.5], metavar=("LO", "HI"),
-      help="landscape coordinates on both axes (default: -0.5 1.5)")
+    a("--train-subset", type=pos_int, help="use the first N training images (default: all; synthetic: 10000)")
+    a("--test-subset", type=pos_int, help="use the first N test images (default: all; synthetic: 2000)")
+    a("--points", type=number(int, 2), default=21, help="evenly spaced t in [0, 1] for the sweep (default: 21)")
+    a("--eval-train", type=pos_int, default=10000, help="training images for train loss along t (default: 10000)")
+    a("--eval-test", type=pos_int, default=2000, help="test images per landscape grid point (default: 2000)")
+    a("--eval-batch", type=pos_int, default=256, help="evaluation batch size (default: 256, fastest measured)")
+    a("--grid", type=number(int, 2), default=21, help="landscape grid lines per axis (default: 21)")
     a("--plane", default="squeezed", choices=["squeezed", "orthonormal"], help="landscape plane (default: squeezed)")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto = cuda, mps, cpu)")
-    a("--quick", action="store_true", help="a first look in about a minute: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
-      + " (options you set yourself win)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
+    a("--quick", action="store_true", help="a first look in about a minute: "
+      + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " (options you give yourself win)")
     a("--resume", action="store_true", help="reuse the stages already finished in --out")
     return p
 
@@ -614,63 +556,50 @@ def parse_args(argv):
     """Parse and check the options; every problem ends as ValueError naming the option and the value."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick:  # quick values replace defaults, never values given on the command line
-        for key, value in QUICK.items():
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
-    for opt, value in (("--points", args.points), ("--grid", args.grid)):
-        if value < 2:
-            raise ValueError(f"{opt} {value}: need at least 2 (t = 0 and t = 1, or both ends of each axis)")
-    lo, hi = args.range
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"--range {lo} {hi}: need two finite numbers with LO < HI")
-    if not (math.isfinite(args.wd) and args.wd >= 0):
-        raise ValueError(f"--wd {args.wd}: must be a number >= 0")
+    for key, value in QUICK.items() if args.quick else ():  # quick values replace defaults, not your options
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available() or args.device == "mps" and not torch.backends.mps.is_available():
+        args.device = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    elif not available[args.device]:
         raise ValueError(f"--device {args.device}: not available on this machine; use --device cpu or auto")
     args.out = args.out or f"runs/{args.dataset}-{args.curve}"
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        probe = Path(args.out) / f".write-test{os.getpid()}"
-        probe.write_text("ok"), probe.unlink()
+        tempfile.TemporaryFile(dir=args.out).close()  # can we write there?
     except OSError as err:
         raise ValueError(f"--out {args.out}: cannot write there ({err.strerror})") from None
     return args
 
 
 def run(args, log=print):
-    """Run every stage in order, writing checkpoints, figures and results.json to args.out."""
-    out, device, cfg = Path(args.out), torch.device(args.device), vars(args).copy()
+    """Run every stage in order; write checkpoints, figures and results.json to args.out; return the results."""
+    out, device, cfg, timings = Path(args.out), torch.device(args.device), vars(args).copy(), {}
     label = args.label or {"cifar10": "CIFAR-10", "mnist": "MNIST", "fashionmnist": "Fashion-MNIST",
                            "synthetic": "synthetic data", "folder": Path(args.data_dir).name}[args.dataset]
-    stage_options = {"endpoints": ["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "epochs",
-                                   "batch_size", "lr", "wd", "no_augment"],
-                     "curve": ["curve", "bends", "curve_epochs"], "sweep": ["points", "eval_train"],
-                     "landscape": ["grid", "range", "plane", "eval_test"]}
-    metas, meta = {}, {}
-    for name, options in stage_options.items():  # a stage depends on its options and every earlier stage's
-        meta = metas[name] = {**meta, **{k: cfg[k] for k in options}}
-    timings = {}
+    options = [["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "epochs", "batch_size", "lr",
+                "wd", "no_augment"], ["curve", "bends", "curve_epochs"], ["points", "eval_train"],
+               ["grid", "plane", "eval_test"]]
+    metas = {name: {k: cfg[k] for k in sum(options[:i + 1], [])}  # a stage depends on its and earlier options
+             for i, name in enumerate(("endpoints", "curve", "sweep", "landscape"))}
 
-    def stage(name, compute, images):
+    def stage(name, compute):  # compute() -> dict with "images": how many went through the network
         def timed():
             t0 = time.perf_counter()
             return {**compute(), "seconds": time.perf_counter() - t0}
         result = run_stage(out / f"{name}.pt", metas[name], args.resume, timed, log)
-        timings[name] = {"seconds": result["seconds"], "images_per_s": images(result) / result["seconds"]}
+        timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
         return result
 
     t0 = time.perf_counter()
     data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed)
-    seconds = time.perf_counter() - t0
-    timings["data"] = {"seconds": seconds, "images_per_s": (len(data.train_x) + len(data.test_x)) / seconds}
-    channels, size, n_points = data.train_x.shape[1], data.train_x.shape[2], args.bends + 2
-    log(f"data: {label}, {len(data.train_x)} training and {len(data.test_x)} test images of {channels}x{size}x{size}, "
-        f"{len(data.classes)} classes, on {device}")
+    n_train, n_test, seconds = len(data.train_x), len(data.test_x), time.perf_counter() - t0
+    timings["data"] = {"seconds": seconds, "images_per_s": (n_train + n_test) / seconds}
+    channels, size, n_points, coeffs = data.train_x.shape[1], data.train_x.shape[2], args.bends + 2, COEFFS[args.curve]
+    log(f"data: {label}, {n_train} training and {n_test} test images of {channels}x{size}x{size}, on {device}")
     pad = 0 if args.no_augment or channels != 3 else 4
-    coeffs = COEFFS[args.curve]
+    seen = lambda histories: sum(h["images_per_s"] * h["seconds"] for h in histories)
 
     def new_model(seed):
         torch.manual_seed(seed)  # initial weights and dropout masks depend on the seed alone
@@ -678,60 +607,61 @@ def run(args, log=print):
 
     def train_endpoints():
         states, histories = [], []
-        for seed in (args.seed, args.seed + 1):
+        for seed in (args.seed, args.seed + 1):  # one training function, two seeds
             model = new_model(seed)
-            histories.append(train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size,
-                                            args.lr, args.wd, pad, seed, log))
+            histories += train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size, args.lr,
+                                        args.wd, pad, seed, log)
             states.append(model.state_dict())
-        return {"states": states, "histories": histories}
+        return {"states": states, "history": histories, "images": seen(histories)}
 
-    trained_images = lambda r: sum(h["images_per_s"] * h["seconds"] for hs in r["histories"] for h in hs)
-    ends = stage("endpoints", train_endpoints, trained_images)
+    ends = stage("endpoints", train_endpoints)
     w1, w2 = ({k: v.to(device) for k, v in s.items()} for s in ends["states"])
     model = new_model(args.seed + 2)  # its own weights are never used: functional_call replaces them all
 
     def train_curve_stage():
-        points, history = train_curve(model, w1, w2, data.train_x, data.train_y, coeffs, args.bends, args.curve_epochs,
-                                      args.batch_size, args.lr, args.wd, pad, args.seed + 2, log)
-        return {"points": points, "histories": [history]}
+        points, history = train_curve(model, w1, w2, data.train_x, data.train_y, coeffs, args.bends,
+                                      args.curve_epochs, args.batch_size, args.lr, args.wd, pad, args.seed + 2, log)
+        return {"points": points, "history": history, "images": seen(history)}
 
-    points = [{k: v.to(device) for k, v in p.items()} for p in stage("curve", train_curve_stage, trained_images)["points"]]
+    points = [{k: v.to(device) for k, v in p.items()} for p in stage("curve", train_curve_stage)["points"]]
     ts = [i / (args.points - 1) for i in range(args.points)]
-    n_eval = args.points * 2 * (min(args.eval_train, len(data.train_x)) + len(data.test_x))
-    sw = stage("sweep", lambda: dict(zip(("metrics", "log_probs"),
-                                         sweep(model, points, coeffs, ts, data, args.eval_train, args.eval_batch))),
-               lambda r: n_eval)
+    sw = stage("sweep", lambda: dict(zip(("metrics", "log_probs"), sweep(model, points, coeffs, ts, data, args.eval_train,
+                                                                         args.eval_batch)),
+                                     images=args.points * 2 * (min(args.eval_train, n_train) + n_test)))
     metrics, ens = sw["metrics"], ensembles(sw["log_probs"], data.test_y)
 
     theta = points[1] if args.bends == 1 else curve_point(points, coeffs(0.5, n_points))
     origin, e1, e2 = plane_axes(points[0], points[-1], theta, args.plane)
-    lo, hi = args.range
+    lo, hi = -0.5, 1.5  # both axes: w1, w2 and theta sit at 0 and 1, with half a unit of margin
     coords = [lo + i * (hi - lo) / (args.grid - 1) for i in range(args.grid)]
     x_l, y_l = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    grid = stage("landscape", lambda: {"test_loss": landscape(model, origin, e1, e2, coords, x_l, y_l, args.eval_batch)},
-                 lambda r: args.grid ** 2 * len(x_l))["test_loss"]
-    fine_ts = [i / 60 for i in range(61)]
-    curve_xy = [plane_coords(curve_point(points, coeffs(t, n_points)), origin, e1, e2) for t in fine_ts]
-    line_xy = [plane_coords(curve_point([points[0], points[-1]], [1 - t, t]), origin, e1, e2) for t in fine_ts]
+    grid = stage("landscape", lambda: {"test_loss": landscape(model, origin, e1, e2, coords, x_l, y_l, args.eval_batch),
+                                       "images": args.grid ** 2 * len(x_l)})["test_loss"]
+    fine = [i / 60 for i in range(61)]
+    curve_xy = [plane_coords(curve_point(points, coeffs(t, n_points)), origin, e1, e2) for t in fine]
+    line_xy = [plane_coords(curve_point([points[0], points[-1]], [1 - t, t]), origin, e1, e2) for t in fine]
     marks = {"w1": curve_xy[0], "w2": curve_xy[-1],
              "theta" if args.bends == 1 else "phi(0.5)": plane_coords(theta, origin, e1, e2)}
 
-    # One plain-inference pass of one fixed model over the test images: the yardstick for the sweep's
-    # and the landscape's throughput, which should match it (no per-point overhead).
-    t0 = time.perf_counter()
-    evaluate(model, w1, data.test_x, data.test_y, args.eval_batch)
-    plain_ips = len(data.test_x) / (time.perf_counter() - t0)
-
     t0 = time.perf_counter()
     where = "" if args.bends == 1 else "\nplane through w1, w2, phi(0.5); the curve is projected onto it"
-    plot_landscape(grid, coords, curve_xy, line_xy, marks, args.plane,
-                   f"{label}: test loss, {args.plane} plane{where}", out / "landscape.png")
+    plot_landscape(grid, coords, curve_xy, line_xy, marks, args.plane, f"{label}: test loss, {args.plane} plane{where}",
+                   out / "landscape.png")
     plot_sweep(ts, metrics, f"{label}: {args.curve} curve vs straight line", out / "sweep.png")
     plot_ensembles(ts, ens, label, out / "ensembles.png")
     timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
 
-    flops, peak = forward_flops(model, size), matmul_gflops(device)
-    train_ips = timings["endpoints"]["images_per_s"]
+    # Yardsticks measured in this process: plain inference of one fixed model over the test images (median
+    # of 3 passes), the FLOPs of one image's forward pass (from the layer shapes) and the matmul peak.
+    plain = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        evaluate(model, w1, data.test_x, data.test_y, args.eval_batch)
+        plain.append(n_test / (time.perf_counter() - t0))
+    with FlopCounterMode(display=False) as counter:
+        evaluate(model, w1, data.test_x[:1], data.test_y[:1])
+    flops, peak, train_ips, plain_ips = counter.get_total_flops(), matmul_gflops(device), \
+        timings["endpoints"]["images_per_s"], sorted(plain)[1]
     results = {
         "config": cfg,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
@@ -751,11 +681,9 @@ def run(args, log=print):
                        "plain_inference_images_per_s": plain_ips,
                        "sweep_vs_plain_inference": timings["sweep"]["images_per_s"] / plain_ips,
                        "landscape_vs_plain_inference": timings["landscape"]["images_per_s"] / plain_ips,
-                       "data_fraction_of_training": max(h["data_fraction"] for hs in ends["histories"] for h in hs)},
+                       "data_fraction_of_training": max(h["data_fraction"] for h in ends["history"])},
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "results.json")  # results.json is either absent, the old one, or complete
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     b, e = results["barrier"], results["endpoints"]
     log(f"done: endpoints test acc {e[0]['test_acc']:.4f} / {e[1]['test_acc']:.4f}; test-error barrier: line "
         f"{b['line']['test_error']:.4f}, curve {b['curve']['test_error']:.4f}; curve ensemble acc "
@@ -764,10 +692,9 @@ def run(args, log=print):
 
 
 def main(argv=None):
-    """Command-line entry: bad input ends with one line on stderr and exit code 2."""
+    """Command line: bad input ends with one line on stderr and exit code 2; Ctrl-C with code 130."""
     try:
-        args = parse_args(argv)
-        return run(args, log=lambda msg: print(msg, flush=True))
+        return run(parse_args(argv), log=lambda msg: print(msg, flush=True))
     except ValueError as err:
         print(f"modeconnectivity.py: error: {err}", file=sys.stderr)
         sys.exit(2)

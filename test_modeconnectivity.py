@@ -1,0 +1,439 @@
+"""Tests on tiny synthetic data: python -m pytest (about half a minute on two CPU cores, no network)."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import modeconnectivity as mc
+
+HERE = Path(__file__).resolve().parent
+TINY = ["--dataset", "synthetic", "--train-subset", "512", "--test-subset", "128", "--width", "4", "--epochs", "2",
+        "--curve-epochs", "2", "--batch-size", "64", "--points", "3", "--grid", "3", "--eval-train", "128",
+        "--eval-test", "64", "--device", "cpu"]
+
+
+def tiny_data(size=16):
+    return mc.load_data("synthetic", None, "cpu", train_size=512, test_size=256, seed=0, image_size=size)
+
+
+def random_params(seed, width=4, size=16):
+    torch.manual_seed(seed)
+    return {k: v.detach() for k, v in mc.ConvNet(3, 10, size, width).named_parameters()}
+
+
+def metrics_only(results):
+    """results.json without the wall-clock parts, which differ between runs."""
+    return {k: v for k, v in results.items() if k not in ("timings", "efficiency", "config")}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Two endpoints trained from different seeds on tiny 16x16 data, shared by the curve tests."""
+    data = tiny_data()
+    model = mc.ConvNet(3, 10, 16, width=16)
+    ends = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = mc.ConvNet(3, 10, 16, width=16)
+        mc.train_endpoint(m, data.train_x, data.train_y, 10, 32, 0.05, 5e-4, 2, seed, log=lambda s: None)
+        ends.append({k: v.detach() for k, v in m.named_parameters()})
+    return data, model, ends
+
+
+# ── 4. Curves: coefficients against hand-computed values ─────────────────────────────────────────
+def test_bezier_coeffs_by_hand():
+    assert mc.bezier_coeffs(0.25, 3) == pytest.approx([0.5625, 0.375, 0.0625])
+    assert mc.bezier_coeffs(0.5, 4) == pytest.approx([1 / 8, 3 / 8, 3 / 8, 1 / 8])
+    assert mc.bezier_coeffs(0.0, 3) == [1, 0, 0] and mc.bezier_coeffs(1.0, 3) == [0, 0, 1]
+    assert mc.bezier_coeffs(0.3, 2) == pytest.approx([0.7, 0.3])  # the straight line
+
+
+def test_polychain_coeffs_by_hand():
+    assert mc.polychain_coeffs(0.25, 3) == pytest.approx([0.5, 0.5, 0.0])
+    assert mc.polychain_coeffs(0.5, 3) == pytest.approx([0.0, 1.0, 0.0])
+    assert mc.polychain_coeffs(0.75, 3) == pytest.approx([0.0, 0.5, 0.5])
+    assert mc.polychain_coeffs(0.5, 4) == pytest.approx([0.0, 0.5, 0.5, 0.0])
+    assert mc.polychain_coeffs(0.3, 2) == pytest.approx([0.7, 0.3])
+
+
+@pytest.mark.parametrize("fn", [mc.bezier_coeffs, mc.polychain_coeffs])
+@pytest.mark.parametrize("n", [2, 3, 4, 6])
+def test_coeffs_sum_to_one_and_are_nonnegative(fn, n):
+    for i in range(101):
+        c = fn(i / 100, n)
+        assert len(c) == n and sum(c) == pytest.approx(1.0, abs=1e-12) and min(c) >= 0
+
+
+def test_curve_point_endpoints_bend_and_line():
+    w1, theta, w2 = random_params(0), random_params(1), random_params(2)
+    for fn in (mc.bezier_coeffs, mc.polychain_coeffs):
+        for t, target in ((0.0, w1), (1.0, w2)):
+            phi = mc.curve_point([w1, theta, w2], fn(t, 3))
+            assert all(torch.equal(phi[k], target[k]) for k in w1)  # exact, not approximately
+    bend = mc.curve_point([w1, theta, w2], mc.polychain_coeffs(0.5, 3))
+    assert all(torch.equal(bend[k], theta[k]) for k in w1)
+    for fn in (mc.bezier_coeffs, mc.polychain_coeffs):
+        phi = mc.curve_point([w1, w2], fn(0.3, 2))
+        assert all(torch.allclose(phi[k], 0.7 * w1[k] + 0.3 * w2[k], atol=1e-7) for k in w1)
+
+
+def test_curve_point_is_the_bezier_formula():
+    w1, theta, w2 = random_params(0), random_params(1), random_params(2)
+    t = 0.3
+    phi = mc.curve_point([w1, theta, w2], mc.bezier_coeffs(t, 3))
+    for k in w1:
+        expected = (1 - t) ** 2 * w1[k] + 2 * t * (1 - t) * theta[k] + t ** 2 * w2[k]
+        assert torch.allclose(phi[k], expected, atol=1e-6)
+
+
+def test_curve_bad_input():
+    w1, w2 = random_params(0), random_params(1)
+    for bad_t in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="t = "):
+            mc.bezier_coeffs(bad_t, 3)
+        with pytest.raises(ValueError, match="t = "):
+            mc.polychain_coeffs(bad_t, 3)
+    with pytest.raises(ValueError, match="at least 2"):
+        mc.bezier_coeffs(0.5, 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        mc.curve_point([w1], [1.0])
+    other = dict(w2)
+    other["extra"] = other.pop("fc2.bias")
+    with pytest.raises(ValueError, match="names or shapes"):
+        mc.curve_point([w1, other], [0.5, 0.5])
+    wider = random_params(1, width=8)
+    with pytest.raises(ValueError, match="names or shapes"):
+        mc.curve_point([w1, wider], [0.5, 0.5])
+
+
+# ── 2. Model and 1. Data ──────────────────────────────────────────────────────────────────────────
+def test_functional_forward_matches_module():
+    model = mc.ConvNet(3, 10, 16, width=4).eval()
+    x = torch.randn(5, 3, 16, 16)
+    params = dict(model.named_parameters())
+    assert torch.allclose(functional_call(model, params, (x,)), model(x), atol=1e-6)
+    other = random_params(7)
+    reference = mc.ConvNet(3, 10, 16, width=4).eval()
+    reference.load_state_dict(other)
+    assert torch.allclose(functional_call(model, other, (x,)), reference(x), atol=1e-6)
+
+
+def test_augment_crops_and_flips():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    out = mc.augment(x, 0, torch.Generator().manual_seed(0))  # no padding: only flips are possible
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+    out = mc.augment(x, 2, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    padded = F.pad(x, (2, 2, 2, 2))
+    windows = [padded[i, :, r:r + 4, c:c + 4] for i in range(2) for r in range(5) for c in range(5)]
+    for i in range(2):  # every output image is a 4x4 window of its padded image, maybe mirrored
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows[25 * i:25 * (i + 1)])
+
+
+def test_synthetic_data_is_deterministic_and_normalised():
+    a, b = tiny_data(), tiny_data()
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.shape == (512, 3, 16, 16) and len(a.classes) == 10
+    assert a.train_x.mean().abs() < 0.05 and (a.train_x.std() - 1).abs() < 0.05
+    assert len(a.train_y.unique()) == 10
+
+
+def write_folder(root, train_classes, test_classes):
+    from PIL import Image
+    for half, classes in (("train", train_classes), ("test", test_classes)):
+        for k, name in enumerate(classes):
+            (root / half / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * k + i, 0, 255)).save(root / half / name / f"{i}.png")
+
+
+def test_folder_dataset(tmp_path):
+    write_folder(tmp_path, ["cat", "dog"], ["cat", "dog"])
+    data = mc.load_data("folder", tmp_path, "cpu")
+    assert data.train_x.shape == (6, 3, 8, 8) and data.classes == ["cat", "dog"]
+    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert list(tmp_path.glob("folder-*-uint8.pt"))  # decoded once, cached for the next run
+    assert torch.equal(mc.load_data("folder", tmp_path, "cpu").train_x, data.train_x)
+
+
+def test_folder_dataset_errors(tmp_path):
+    write_folder(tmp_path / "a", ["cat", "dog"], ["cat", "fish"])
+    with pytest.raises(ValueError, match="classes"):
+        mc.load_data("folder", tmp_path / "a", "cpu")
+    (tmp_path / "b" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no test/ folder"):
+        mc.load_data("folder", tmp_path / "b", "cpu")
+    (tmp_path / "b" / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        mc.load_data("folder", tmp_path / "b", "cpu")
+
+
+# ── 5. Curve training ─────────────────────────────────────────────────────────────────────────────
+def test_train_curve_moves_only_the_middle_and_lowers_the_midpoint_loss(trained):
+    data, model, (w1, w2) = trained
+    line_mid = mc.curve_point([w1, w2], [0.5, 0.5])
+    before, _, _ = mc.evaluate(model, line_mid, data.train_x, data.train_y)
+    points, history = mc.train_curve(model, w1, w2, data.train_x, data.train_y, mc.bezier_coeffs, 1, epochs=10,
+                                     batch_size=32, lr=0.05, weight_decay=5e-4, augment_pad=2, seed=0,
+                                     log=lambda s: None)
+    assert len(points) == 3 and len(history) == 10
+    assert all(torch.equal(points[0][k], w1[k]) and torch.equal(points[2][k], w2[k]) for k in w1)
+    assert any(not torch.allclose(points[1][k], line_mid[k]) for k in w1)  # theta left the line
+    after, _, _ = mc.evaluate(model, mc.curve_point(points, mc.bezier_coeffs(0.5, 3)), data.train_x, data.train_y)
+    end_loss = max(mc.evaluate(model, w, data.train_x, data.train_y)[0] for w in (w1, w2))
+    assert before > end_loss + 0.5  # the line's midpoint is a ridge on this data ...
+    assert after < before - 0.5 * (before - end_loss)  # ... and the curve's closes at least half of that gap
+
+
+def test_gradients_reach_only_the_middle_points(trained):
+    data, model, (w1, w2) = trained
+    theta = {k: ((w1[k] + w2[k]) / 2).requires_grad_() for k in w1}
+    ends = [{k: v.clone().requires_grad_() for k, v in w.items()} for w in (w1, w2)]
+    phi = mc.curve_point([ends[0], theta, ends[1]], mc.bezier_coeffs(0.4, 3))
+    loss = F.cross_entropy(functional_call(model, phi, (data.train_x[:32],)), data.train_y[:32])
+    grads = torch.autograd.grad(loss, list(theta.values()) + list(ends[0].values()))
+    g_theta, g_w1 = grads[:len(theta)], grads[len(theta):]
+    # chain rule: dL/dtheta = c_1(t) dL/dphi and dL/dw1 = c_0(t) dL/dphi
+    c0, c1, _ = mc.bezier_coeffs(0.4, 3)
+    assert all(torch.allclose(gt / c1, gw / c0, atol=1e-5) for gt, gw in zip(g_theta, g_w1))
+    # train_curve's optimiser holds the middle points only: the endpoints are detached copies
+    before = {k: v.clone() for k, v in w1.items()}
+    points, _ = mc.train_curve(model, w1, w2, data.train_x[:128], data.train_y[:128], mc.polychain_coeffs, 2,
+                               epochs=1, batch_size=64, log=lambda s: None)
+    assert len(points) == 4 and not points[0]["fc1.weight"].requires_grad
+    assert all(torch.equal(w1[k], before[k]) for k in w1)
+
+
+# ── 6-7. Sweep, barrier, ensembles ───────────────────────────────────────────────────────────────
+def test_barrier_by_hand():
+    ts = [0.0, 0.5, 1.0]
+    assert mc.barrier([1.0, 5.0, 3.0], ts) == pytest.approx(3.0)  # 5 - (1 + 3) / 2
+    assert mc.barrier([1.0, 1.0, 3.0], ts) == pytest.approx(0.0)  # below the chord: only the ends count
+
+
+def test_ensemble_metrics_by_hand():
+    p1 = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4], [0.9, 0.1]])
+    p2 = torch.tensor([[0.8, 0.2], [0.2, 0.8], [0.3, 0.7], [0.1, 0.9], [0.8, 0.2]])
+    y = torch.tensor([0, 0, 1, 0, 1])
+    m = mc.ensemble_metrics(torch.stack([p1, p2]).log(), y, bins=10)
+    # mean probabilities [.85 .15] [.45 .55] [.25 .75] [.35 .65] [.85 .15]: right on images 0 and 2
+    assert m["acc"] == pytest.approx(0.4)
+    assert m["nll"] == pytest.approx(-sum(map(math.log, (0.85, 0.45, 0.75, 0.35, 0.15))) / 5, rel=1e-5)
+    # confidence bins: (.8, .9] holds images 0 (right) and 4 (wrong), then .55, .65 wrong and .75 right alone
+    ece = (2 * abs(0.5 - 0.85) + abs(0 - 0.55) + abs(0 - 0.65) + abs(1 - 0.75)) / 5
+    assert m["ece"] == pytest.approx(ece, rel=1e-5)
+    single = mc.ensemble_metrics(p1.log()[None], y)
+    assert single["nll"] == pytest.approx(-sum(map(math.log, (0.9, 0.7, 0.8, 0.6, 0.1))) / 5, rel=1e-5)
+    assert torch.isfinite(torch.tensor(mc.ensemble_metrics(torch.full((3, 5, 2), -1e4), y)["nll"]))  # stable
+
+
+# ── 8. Landscape ─────────────────────────────────────────────────────────────────────────────────
+def test_squeezed_plane_maps_w1_w2_theta_and_bezier_points():
+    w1, theta, w2 = random_params(0), random_params(1), random_params(2)
+    axes = mc.plane_axes(w1, w2, theta, "squeezed")
+    for w, ab in ((w1, (1, 0)), (w2, (0, 1)), (theta, (0, 0))):
+        assert mc.plane_coords(w, *axes) == pytest.approx(ab, abs=1e-5)
+        point = mc.curve_point(list(axes), [1, *ab])
+        assert all(torch.allclose(point[k], w[k], atol=1e-6) for k in w)
+    for t in (0.2, 0.5, 0.9):
+        phi = mc.curve_point([w1, theta, w2], mc.bezier_coeffs(t, 3))
+        assert mc.plane_coords(phi, *axes) == pytest.approx(((1 - t) ** 2, t ** 2), abs=1e-5)
+
+
+def test_orthonormal_plane():
+    w1, theta, w2 = random_params(0), random_params(1), random_params(2)
+    origin, e1, e2 = mc.plane_axes(w1, w2, theta, "orthonormal")
+    assert mc.dot(e1, e2) == pytest.approx(0, abs=1e-3 * mc.dot(e1, e1))
+    assert mc.dot(e2, e2) == pytest.approx(mc.dot(e1, e1), rel=1e-5)
+    assert mc.plane_coords(w1, origin, e1, e2) == pytest.approx((0, 0), abs=1e-5)
+    assert mc.plane_coords(w2, origin, e1, e2) == pytest.approx((1, 0), abs=1e-5)
+    a, b = mc.plane_coords(theta, origin, e1, e2)
+    assert b > 0 and math.hypot(a, b) * math.sqrt(mc.dot(e1, e1)) == pytest.approx(
+        math.sqrt(sum(((theta[k] - w1[k]) ** 2).sum().item() for k in w1)), rel=1e-4)  # Euclidean units
+
+
+def test_landscape_matches_evaluate(trained):
+    data, model, (w1, w2) = trained
+    theta = mc.curve_point([w1, w2], [0.5, 0.5])
+    axes = mc.plane_axes(w1, w2, theta)
+    grid = mc.landscape(model, *axes, [0.0, 1.0], data.test_x[:64], data.test_y[:64])
+    assert grid[0][1] == pytest.approx(mc.evaluate(model, w1, data.test_x[:64], data.test_y[:64])[0], rel=1e-5)
+    assert grid[1][0] == pytest.approx(mc.evaluate(model, w2, data.test_x[:64], data.test_y[:64])[0], rel=1e-5)
+
+
+# ── 10. Command line: a whole run, resume, determinism, bad input ────────────────────────────────
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    results = mc.main(TINY + ["--out", str(out)])
+    return out, results
+
+
+def test_main_writes_every_output(tiny_run):
+    out, results = tiny_run
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("config", "versions", "endpoints", "sweep", "barrier", "ensemble", "landscape", "timings"):
+        assert key in saved
+    assert saved["config"]["dataset"] == "synthetic" and saved["config"]["curve"] == "bezier"
+    assert [e["seed"] for e in saved["endpoints"]] == [0, 1]
+    assert set(saved["endpoints"][0]) >= {"train_loss", "train_acc", "test_loss", "test_acc"}
+    assert saved["sweep"]["t"] == [0.0, 0.5, 1.0]
+    for path in ("curve", "line"):
+        assert set(saved["sweep"][path]) == {"train_loss", "train_acc", "test_loss", "test_acc"}
+        assert set(saved["barrier"][path]) == {"train_loss", "test_error"}
+        assert len(saved["ensemble"]["pair_along_t"][path]) == 3
+    assert set(saved["ensemble"]) >= {"w1", "w2", "w1+w2", "curve", "pair_along_t"}
+    assert saved["ensemble"]["curve"]["size"] == 3
+    assert saved["landscape"]["plane"] == "squeezed" and saved["landscape"]["range"] == [-0.5, 1.5]
+    assert len(saved["landscape"]["test_loss"]) == 3 and len(saved["landscape"]["test_loss"][0]) == 3
+    for stage in ("data", "endpoints", "curve", "sweep", "landscape", "plots"):
+        assert saved["timings"][stage]["seconds"] > 0
+    for acc in [a for p in ("curve", "line") for a in saved["sweep"][p]["test_acc"]]:
+        assert 0 <= acc <= 1
+    # the endpoints in results.json are the sweep's ends, the line and the curve share them
+    assert saved["sweep"]["line"]["test_acc"][0] == saved["sweep"]["curve"]["test_acc"][0]
+    for png in ("landscape.png", "sweep.png", "ensembles.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp*"))
+    for ckpt in out.glob("*.pt"):
+        torch.load(ckpt, weights_only=True)
+
+
+def test_same_seed_same_metrics_and_resume(tiny_run, tmp_path):
+    out, first = tiny_run
+    second = mc.main(TINY + ["--out", str(tmp_path)])
+    assert metrics_only(second) == metrics_only(first)  # determinism on the CPU
+    resumed = mc.main(TINY + ["--out", str(tmp_path), "--resume"])
+    assert metrics_only(resumed) == metrics_only(first)
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mc.main(args)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--dataset", "imagenet"], ["--dataset", "imagenet"]),
+    (["--curve", "spline"], ["--curve", "spline"]),
+    (["--plane", "round"], ["--plane", "round"]),
+    (["--device", "tpu"], ["--device", "tpu"]),
+    (["--epochs", "0"], ["--epochs", "'0'"]),
+    (["--epochs", "ten"], ["--epochs", "'ten'"]),
+    (["--batch-size", "-4"], ["--batch-size", "'-4'"]),
+    (["--points", "1"], ["--points", ">= 2"]),
+    (["--grid", "1"], ["--grid", ">= 2"]),
+    (["--bends", "0"], ["--bends"]),
+    (["--width", "2.5"], ["--width"]),
+    (["--train-subset", "0"], ["--train-subset"]),
+    (["--eval-test", "-1"], ["--eval-test"]),
+    (["--lr", "0"], ["--lr", "> 0"]),
+    (["--lr", "inf"], ["--lr"]),
+])
+def test_bad_options_exit_2_with_one_line(args, words, capsys):
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    for word in words:
+        assert word in err
+
+
+def test_unavailable_device_bad_dirs_and_divergence(tmp_path, capsys, monkeypatch):
+    if not torch.cuda.is_available():
+        code, err = run_cli(["--device", "cuda", "--dataset", "synthetic"], capsys)
+        assert code == 2 and "--device cuda" in err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    code, err = run_cli(TINY + ["--data-dir", str(a_file), "--dataset", "folder", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "is a file" in err
+    code, err = run_cli(TINY + ["--out", str(a_file / "sub")], capsys)
+    assert code == 2 and "--out" in err and "cannot write" in err
+    def offline(*args, **kwargs):  # what torchvision raises without network; tests never download
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz: network unreachable")
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
+    code, err = run_cli(TINY + ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty"),
+                                "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--dataset synthetic" in err and "--data-dir" in err and len(err.splitlines()) == 1
+    out = tmp_path / "diverge"
+    code, err = run_cli(TINY + ["--lr", "1e12", "--out", str(out)], capsys)
+    assert code == 2 and "smaller --lr" in err
+    assert not (out / "endpoints.pt").exists() and not (out / "results.json").exists()
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "endpoints.pt").write_bytes((out / "endpoints.pt").read_bytes()[:200])  # truncated
+    code, err = run_cli(TINY + ["--out", str(bad), "--resume"], capsys)
+    assert code == 2 and "endpoints.pt" in err and "unreadable" in err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "endpoints.pt").write_bytes((out / "endpoints.pt").read_bytes())
+    for args in (["--resume"], []):  # neither reused nor overwritten
+        code, err = run_cli(TINY + ["--width", "6", "--out", str(foreign)] + args, capsys)
+        assert code == 2 and "endpoints.pt" in err and "width" in err
+    assert (foreign / "endpoints.pt").read_bytes() == (out / "endpoints.pt").read_bytes()
+
+
+def test_ctrl_c_keeps_checkpoints_and_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    args = TINY + ["--curve-epochs", "400", "--out", str(out)]  # a curve stage long enough to interrupt
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "modeconnectivity.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "endpoints.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # now inside curve training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+    assert not (out / "results.json").exists() and not (out / "curve.pt").exists()
+    assert not list(out.glob("*.tmp*"))
+    torch.load(out / "endpoints.pt", weights_only=True)  # intact
+    resumed = mc.main(args[:-2] + ["--out", str(out), "--resume", "--curve-epochs", "400"])
+    fresh = mc.main(args[:-2] + ["--out", str(tmp_path / "fresh"), "--curve-epochs", "400"])
+    assert metrics_only(resumed) == metrics_only(fresh)
+
+
+def test_importing_runs_nothing():
+    code = "import modeconnectivity, sys; print(len([m for m in sys.modules if m.startswith('matplotlib')]))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0" and out.stderr == ""
+
+
+# ── tutorial.md: its code blocks run, and every function it names exists ─────────────────────────
+def tutorial_blocks():
+    text = (HERE / "tutorial.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S), text
+
+
+def test_tutorial_code_blocks_run(tmp_path, monkeypatch):
+    blocks, _ = tutorial_blocks()
+    assert blocks, "tutorial.md has no python code blocks"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "tutorial.md", "exec"), namespace)
+
+
+def test_tutorial_names_only_existing_functions():
+    _, text = tutorial_blocks()
+    names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(", text))
+    assert names and all(hasattr(mc, n) for n in names), sorted(n for n in names if not hasattr(mc, n))
+    headings = re.findall(r"^## (\d+)\. (.+)$", text, flags=re.M)
+    source = (HERE / "modeconnectivity.py").read_text()
+    for number, title in headings:
+        assert f"│ {number}. {title}" in source, f"section {number}. {title} has no banner in the file"
