@@ -104,9 +104,10 @@ def read_folder(root):
             images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files]
         except OSError as err:
             raise ValueError(f"--data-dir {root}: a file in {half}/ is not a readable image ({err})") from None
-        if not images or len({img.shape for img in images}) > 1:
-            raise ValueError(f"--data-dir {root}: {half}/ holds no images, or images of different sizes")
-        out += [torch.stack(images), torch.tensor([k for _, k in files])]
+        if not images or len({img.shape for img in images}) > 1 or images[0].shape[1] != images[0].shape[2]:
+            raise ValueError(f"--data-dir {root}: {half}/ holds no images, or not square images of one size")
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))  # mix the classes, so
+        out += [torch.stack(images)[order], torch.tensor([k for _, k in files])[order]]  # first-N subsets hold all
     return (*out, classes)
 
 
@@ -140,7 +141,7 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
             raise ValueError(f"--data-dir {data_dir}: is a file, not a folder")
         # A folder's cache is named after its file listing: added or removed images make a new one.
         listing = sorted(str(p.relative_to(data_dir)) for p in data_dir.glob("t*/*/*")) if name == "folder" else []
-        cache = data_dir / f"{name}-{hashlib.sha1(str(listing).encode()).hexdigest()[:10]}-uint8.pt"
+        cache = data_dir / f"{name}-v2-{hashlib.sha1(str(listing).encode()).hexdigest()[:10]}-uint8.pt"
         try:
             tx, ty, vx, vy, classes = torch.load(cache, weights_only=True)
         except Exception:  # no cache yet, or a damaged one: decode again
@@ -465,12 +466,12 @@ def plot_ensembles(ts, ens, title, path):
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 10. Command line                                                                             │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def run_stage(path, meta, resume, compute, log=print):
+def run_stage(path, meta, resume, compute, log=print, device="cpu"):
     """Reuse the stage saved at `path` when resuming, else compute and save it. A saved file that is
     unreadable or from another configuration is an error, never silently reused or replaced."""
     if path.exists():
         try:
-            saved = torch.load(path, weights_only=True)
+            saved = torch.load(path, map_location=device, weights_only=True)
             old = saved["meta"]
         except Exception as err:
             raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it or use another --out") from None
@@ -498,10 +499,11 @@ def number(kind, low, strict=False):
     def parse(text):
         try:
             value = kind(text)
-            assert math.isfinite(value) and (value > low if strict else value >= low)
-        except (ValueError, AssertionError):
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
             raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected {'an integer' if kind is int else 'a number'}"
-                                             f" {'>' if strict else '>='} {low}") from None
+                                             f" {'>' if strict else '>='} {low}")
         return value
     return parse
 
@@ -581,7 +583,7 @@ def run(args, log=print):
         def timed():
             t0 = time.perf_counter()
             return {**compute(), "seconds": time.perf_counter() - t0}
-        result = run_stage(out / f"{name}.pt", metas[name], args.resume, timed, log)
+        result = run_stage(out / f"{name}.pt", metas[name], args.resume, timed, log, device)
         timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
         return result
 
@@ -668,8 +670,8 @@ def run(args, log=print):
         "landscape": {"plane": args.plane, "range": [lo, hi], "grid": args.grid, "test_loss": grid,
                       "coords": coords, "curve_xy": curve_xy, "line_xy": line_xy, "marks": marks},
         "timings": timings,
-        "efficiency": {"forward_flops_per_image": flops, "matmul_gflops": peak,
-                       "endpoint_training_fraction_of_peak": 3 * flops * train_ips / (peak * 1e9),
+        "efficiency": {"forward_flops_per_image": flops, "matmul_gflops": peak,  # 1024x1024 float32 matmul rate
+                       "endpoint_training_vs_matmul": 3 * flops * train_ips / (peak * 1e9),
                        "curve_vs_endpoint_training": timings["curve"]["images_per_s"] / train_ips,
                        "plain_inference_images_per_s": plain_ips,
                        "sweep_vs_plain_inference": timings["sweep"]["images_per_s"] / plain_ips,

@@ -163,7 +163,9 @@ def test_folder_dataset(tmp_path):
     write_folder(tmp_path, ["cat", "dog"], ["cat", "dog"])
     data = mc.load_data("folder", tmp_path, "cpu")
     assert data.train_x.shape == (6, 3, 8, 8) and data.classes == ["cat", "dog"]
-    assert data.train_y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert sorted(data.train_y.tolist()) == [0, 0, 0, 1, 1, 1] and data.train_y.tolist() != [0, 0, 0, 1, 1, 1]
+    for x, y in zip(data.train_x, data.train_y):  # shuffled once, images and labels together
+        assert (x[0] > x[0].mean() - 1).all() and (x[0, 0, 0] > 0) == (y == 1)  # cat red 0-2, dog red 40-42
     assert list(tmp_path.glob("folder-*-uint8.pt"))  # decoded once, cached for the next run
     assert torch.equal(mc.load_data("folder", tmp_path, "cpu").train_x, data.train_x)
 
