@@ -1,18 +1,17 @@
 """Mode connectivity in neural-network loss landscapes, in one readable file.
 
-Garipov et al. (2018) found that two networks trained from different seeds, w1 and w2, are joined by
-a simple curve phi(t) along which the loss stays low, while the straight line between them crosses a
-ridge. This file trains both endpoints, trains a quadratic Bezier curve (or a polygonal chain) between
-them, walks along the curve and the line, ensembles along the curve, and draws the loss landscape in
-the plane of w1, w2 and the bend theta. Read it beside tutorial.md: the section banners below match
-the tutorial's headings one to one.
+Garipov et al. (2018): two networks trained from different seeds, w1 and w2, are joined by a curve
+phi(t) of low loss, while the straight line between them crosses a ridge. This file trains both, a
+Bezier curve (or polygonal chain) between them, walks along curve and line, ensembles along the curve
+and draws the loss in the plane of w1, w2 and the bend theta. Its section banners match tutorial.md.
 
-    python modeconnectivity.py --dataset synthetic --quick     # offline first look, about a minute
+    python modeconnectivity.py --dataset synthetic --quick     # offline first look, about 20 s here
     python modeconnectivity.py --dataset cifar10               # downloads CIFAR-10 into --data-dir
     python modeconnectivity.py --dataset folder --data-dir data/cifar10-jpeg   # any ImageFolder copy
 
 A run writes results.json, three PNG figures and the checkpoints --resume reuses to --out.
-Measured with torch 2.14.1 on 2 CPU cores (README.md has the details): --quick takes about 20 s;
+Measured with torch 2.14.1 on 2 CPU cores (README.md): the CIFAR-10 (JPEG copy) run took 30 min, with
+endpoints at 83.6 / 84.1 % test accuracy and a test-error barrier of 71.6 points (line) vs 2.7 (curve).
 """
 import argparse
 import hashlib
@@ -120,12 +119,9 @@ def read_torchvision(name, data_dir):
     except Exception as err:  # no network, a proxy, a broken file: all end here with one clear line
         raise ValueError(f"--dataset {name}: could not find or download it under --data-dir {data_dir} ({err}); "
                          f"put the files there or try --dataset synthetic") from None
-    out = []
-    for ds in (train, test):
-        x = torch.as_tensor(ds.data)  # CIFAR-10 keeps (N, H, W, C) numpy, MNIST (N, H, W) tensors
-        x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]
-        out += [x.contiguous(), torch.as_tensor(ds.targets)]
-    return (*out, list(train.classes))
+    nchw = lambda x: (x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]).contiguous()  # from NHWC or NHW
+    return (*[t for ds in (train, test) for t in (nchw(torch.as_tensor(ds.data)), torch.as_tensor(ds.targets))],
+            list(train.classes))
 
 
 def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, image_size=32):
@@ -292,8 +288,8 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
     def forward(xb):
         t = torch.rand((), generator=t_gen).item()
         phi = curve_point(points, coeffs(t, n))
-        # ||phi||^2 as the sum of squared per-tensor norms: _foreach_norm gets them all in one call, which
-        # measured 10x cheaper than a Python sum of w.square().sum() here (README, "Performance").
+        # ||phi||^2 as the sum of squared per-tensor norms; _foreach_norm computes all of them in one call
+        # (a Python sum of w.square().sum() gives the same value; README, "Performance", compares the two).
         penalty = weight_decay / 2 * torch.stack(torch._foreach_norm(list(phi.values()))).square().sum()
         return functional_call(model, phi, (xb,)), penalty
 
@@ -359,12 +355,10 @@ def ensembles(test_log_probs, y, bins=15):
     """Endpoints, the {w1, w2} pair, the ensemble of all curve points, and the {w1, phi(t)} pair along
     t on the curve and on the line, all from the sweep's test log-probabilities."""
     curve = test_log_probs["curve"]
-    out = {"w1": ensemble_metrics(curve[:1], y, bins), "w2": ensemble_metrics(curve[-1:], y, bins),
-           "w1+w2": ensemble_metrics(curve[[0, -1]], y, bins),
-           "curve": {**ensemble_metrics(curve, y, bins), "size": len(curve)}}
-    out["pair_along_t"] = {path: [ensemble_metrics(torch.stack([lp[0], lp_t]), y, bins)["acc"] for lp_t in lp]
-                           for path, lp in test_log_probs.items()}
-    return out
+    pair = lambda lp: [ensemble_metrics(torch.stack([lp[0], lp_t]), y, bins)["acc"] for lp_t in lp]
+    return {"w1": ensemble_metrics(curve[:1], y, bins), "w2": ensemble_metrics(curve[-1:], y, bins),
+            "w1+w2": ensemble_metrics(curve[[0, -1]], y, bins), "curve": {**ensemble_metrics(curve, y, bins), "size": len(curve)},
+            "pair_along_t": {path: pair(lp) for path, lp in test_log_probs.items()}}
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
@@ -458,29 +452,31 @@ def plot_ensembles(ts, ens, title, path):
     ax.plot(ts, ens["pair_along_t"]["curve"], "o-", color="tab:red", label="{w1, phi(t)} on the curve")
     ax.plot(ts, ens["pair_along_t"]["line"], "s--", color="tab:gray", label="{w1, (1-t)w1 + t w2} on the line")
     ax.axhline(ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
-    ax.set(xlabel="t", ylabel="test accuracy", title="two-model ensemble along t"), ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set(xlabel="t", ylabel="test accuracy", title="two-model ensemble along t"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 10. Command line                                                                             │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
+def load_stage(path, meta, device="cpu"):
+    """The result saved at `path`; ValueError naming the file if it is unreadable or of another configuration."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        old = saved["meta"]
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it or use another --out") from None
+    if old != meta:
+        diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v)
+        raise ValueError(f"{path}: checkpoint of another configuration ({diff}); delete it or use another --out")
+    return saved["result"]
+
+
 def run_stage(path, meta, resume, compute, log=print, device="cpu"):
-    """Reuse the stage saved at `path` when resuming, else compute and save it. A saved file that is
-    unreadable or from another configuration is an error, never silently reused or replaced."""
-    if path.exists():
-        try:
-            saved = torch.load(path, map_location=device, weights_only=True)
-            old = saved["meta"]
-        except Exception as err:
-            raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it or use another --out") from None
-        if old != meta:
-            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v)
-            raise ValueError(f"{path}: checkpoint of another configuration ({diff}); delete it or use another --out")
-        if resume:
-            log(f"resume: reusing {path}")
-            return saved["result"]
+    """Reuse the stage saved at `path` when resuming, else compute it and save it atomically."""
+    if resume and path.exists():
+        log(f"resume: reusing {path}")
+        return load_stage(path, meta, device)
     result = compute()
     write_atomic(path, lambda tmp: torch.save({"meta": meta, "result": result}, tmp))
     return result
@@ -541,7 +537,7 @@ def build_parser():
     a("--grid", type=number(int, 2), default=21, help="landscape grid lines per axis (default: 21)")
     a("--plane", default="squeezed", choices=["squeezed", "orthonormal"], help="landscape plane (default: squeezed)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
-    a("--quick", action="store_true", help="a first look in about a minute: "
+    a("--quick", action="store_true", help="a first look in under a minute: "
       + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " (options you give yourself win)")
     a("--resume", action="store_true", help="reuse the stages already finished in --out")
     return p
@@ -578,6 +574,8 @@ def run(args, log=print):
                ["grid", "plane", "eval_test"]]
     metas = {name: {k: cfg[k] for k in sum(options[:i + 1], [])}  # a stage depends on its and earlier options
              for i, name in enumerate(("endpoints", "curve", "sweep", "landscape"))}
+    for name in [n for n in metas if (out / f"{n}.pt").exists()]:  # refuse a broken or foreign checkpoint
+        load_stage(out / f"{name}.pt", metas[name], device)       # now, not after hours of training
 
     def stage(name, compute):  # compute() -> dict with "images": how many went through the network
         def timed():
@@ -648,15 +646,14 @@ def run(args, log=print):
 
     # Yardsticks measured in this process: plain inference of one fixed model over the test images (median
     # of 3 passes), the FLOPs of one image's forward pass (from the layer shapes) and the matmul peak.
-    plain = []
-    for _ in range(3):
+    def plain_rate():
         t0 = time.perf_counter()
         evaluate(model, w1, data.test_x, data.test_y, args.eval_batch)
-        plain.append(n_test / (time.perf_counter() - t0))
+        return n_test / (time.perf_counter() - t0)
     with FlopCounterMode(display=False) as counter:
         evaluate(model, w1, data.test_x[:1], data.test_y[:1])
     flops, peak, train_ips, plain_ips = counter.get_total_flops(), matmul_gflops(device), \
-        timings["endpoints"]["images_per_s"], sorted(plain)[1]
+        timings["endpoints"]["images_per_s"], sorted(plain_rate() for _ in range(3))[1]
     results = {
         "config": cfg,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
