@@ -687,7 +687,7 @@ def main(argv=None):
     """Command line: bad input ends with one line on stderr and exit code 2; Ctrl-C with code 130."""
     try:
         return run(parse_args(argv), log=lambda msg: print(msg, flush=True))
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad input, or a disk that is full or read-only
         print(f"modeconnectivity.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
