@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 1. Data                                                                                      │
@@ -187,32 +186,37 @@ class ConvNet(nn.Module):
 def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
     """One-cycle schedule: linear from 0 to peak_lr over the first `warmup` of the steps, then down to 0."""
     frac = (step + 1) / max(1, total_steps)
-    return peak_lr * (frac / warmup if frac < warmup else (1 - frac) / (1 - warmup))
+    if frac < warmup:
+        return peak_lr * (frac / warmup)
+    return peak_lr * ((1 - frac) / (1 - warmup))
 
 
-def sgd_epochs(params, forward, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log, name):
-    """SGD (momentum 0.9, one-cycle lr) on params of the objective CE(logits, y) + penalty, where
-    forward(x_batch) -> (logits, penalty). Returns one dict per epoch (loss, acc, images/s, ...)."""
+def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name):
+    """SGD (Nesterov momentum 0.9) on params of the objective CE(logits, y) + penalty, where
+    forward(x_batch) -> (logits, penalty) and lr_at(step, total_steps) -> learning rate.
+    Returns one dict per epoch (loss, acc, images/s, ...)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    opt = torch.optim.SGD(params, lr=lr_at(0, 1), momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = max(1, len(x) // batch_size)  # the last partial batch is dropped, as in most recipes
     history, start = [], time.perf_counter()
     for epoch in range(epochs):
         t0, data_s, loss_sum, correct = time.perf_counter(), 0.0, 0.0, 0
         perm = torch.randperm(len(x), generator=gen, device=x.device)
         for i in range(steps):
-            d0, idx = time.perf_counter(), perm[i * batch_size:(i + 1) * batch_size]
+            d0 = time.perf_counter()
+            idx = perm[i * batch_size:(i + 1) * batch_size]
             xb, yb = x[idx], y[idx]
             if augment_pad:
                 xb = augment(xb, augment_pad, gen)
             data_s += time.perf_counter() - d0
+            lr = lr_at(epoch * steps + i, epochs * steps)
             for group in opt.param_groups:
-                group["lr"] = one_cycle_lr(epoch * steps + i, epochs * steps, lr)
+                group["lr"] = lr
             logits, penalty = forward(xb)
             loss = F.cross_entropy(logits, yb)
             if not math.isfinite(loss.item()):  # stop before a NaN reaches the weights or a checkpoint
                 raise ValueError(f"{name}: loss {loss.item()} at epoch {epoch + 1}, step {i + 1}: training diverged "
-                                 f"with --lr {lr}; try a smaller --lr")
+                                 f"at learning rate {lr:.3g}; try a smaller --lr (or --curve-lr, --fge-lr)")
             opt.zero_grad(set_to_none=True)
             (loss + penalty).backward()
             opt.step()
@@ -230,8 +234,9 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr, weight_decay, augm
 def train_endpoint(model, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log=print):
     """Train one endpoint w: minimise CE + wd/2 ||w||^2 (the decay is applied by SGD). Returns the history."""
     model.train()
-    return sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, epochs, batch_size, lr,
-                      weight_decay, augment_pad, seed, log, f"endpoint seed {seed}")
+    return sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, epochs, batch_size,
+                      lambda step, total: one_cycle_lr(step, total, lr), weight_decay, augment_pad, seed, log,
+                      f"endpoint seed {seed}")
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
@@ -260,7 +265,8 @@ def polychain_coeffs(t, n):
 def curve_point(points, coeffs):
     """phi = sum_k c_k P_k, tensor by tensor, for control points P_k given as dicts name -> tensor."""
     if len(points) < 2 or len(points) != len(coeffs):
-        raise ValueError(f"{len(points)} control points and {len(coeffs)} coefficients: need at least 2, as many of each")
+        raise ValueError(f"{len(points)} control points and {len(coeffs)} coefficients: "
+                         f"need at least 2, as many of each")
     for p in points[1:]:
         if p.keys() != points[0].keys() or any(p[k].shape != v.shape for k, v in points[0].items()):
             raise ValueError("control points differ in their tensor names or shapes; they must describe one network")
@@ -276,27 +282,43 @@ COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 5. Training the curve                                                                        │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
+def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log, name,
+                 regulariser=None):
+    """The loop curves and simplexes share: each batch draws coefficients c = draw(gen) and steps the
+    trainable points (nn.Parameter) on L(phi) + wd/2 ||phi||^2 (+ regulariser(points)), phi = sum_j c_j P_j."""
+    gen = torch.Generator().manual_seed(seed + 12345)
+
+    def forward(xb):
+        phi = curve_point(points, draw(gen))
+        # ||phi||^2 as the sum of squared per-tensor norms; _foreach_norm computes all of them in one call
+        penalty = weight_decay / 2 * torch.stack(torch._foreach_norm(list(phi.values()))).square().sum()
+        if regulariser is not None:
+            penalty = penalty + regulariser(points)
+        return functional_call(model, phi, (xb,)), penalty
+
+    model.train()
+    params = [p for point in points for p in point.values() if isinstance(p, nn.Parameter)]
+    return sgd_epochs(params, forward, x, y, epochs, batch_size, lambda step, total: one_cycle_lr(step, total, lr),
+                      0.0, augment_pad, seed, log, name)
+
+
+def detached(params):
+    """A copy of a weight dict that autograd does not track."""
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
 def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, batch_size=128, lr=0.05,
                 weight_decay=5e-4, augment_pad=4, seed=0, log=print):
     """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the middle control points only (they
     start on the straight line). Returns (points, history), points = [w1, middle..., w2] as dicts."""
-    n, w1, w2 = bends + 2, {k: v.detach() for k, v in w1.items()}, {k: v.detach() for k, v in w2.items()}
+    n = bends + 2
+    w1, w2 = detached(w1), detached(w2)
     middle = [{k: nn.Parameter(w1[k] + i / (n - 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, n - 1)]
     points = [w1, *middle, w2]
-    t_gen = torch.Generator().manual_seed(seed + 12345)
-
-    def forward(xb):
-        t = torch.rand((), generator=t_gen).item()
-        phi = curve_point(points, coeffs(t, n))
-        # ||phi||^2 as the sum of squared per-tensor norms; _foreach_norm computes all of them in one call
-        # (a Python sum of w.square().sum() gives the same value; README, "Performance", compares the two).
-        penalty = weight_decay / 2 * torch.stack(torch._foreach_norm(list(phi.values()))).square().sum()
-        return functional_call(model, phi, (xb,)), penalty
-
-    model.train()
-    params = [p for point in middle for p in point.values()]
-    history = sgd_epochs(params, forward, x, y, epochs, batch_size, lr, 0.0, augment_pad, seed, log, "curve")
-    return [{k: v.detach() for k, v in p.items()} for p in points], history
+    draw_t = lambda gen: coeffs(torch.rand((), generator=gen).item(), n)  # one t ~ U(0, 1) per batch
+    history = train_points(model, points, draw_t, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed,
+                           log, "curve")
+    return [detached(p) for p in points], history
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
@@ -316,23 +338,31 @@ def barrier(values, ts):
     return max(v - ((1 - t) * values[0] + t * values[-1]) for v, t in zip(values, ts))
 
 
-def sweep(model, points, coeffs, ts, data, eval_train, batch_size=256):
-    """Loss and accuracy at each t on the curve and on the straight line w1 -> w2.
+def progress(log, name, done, total, start):
+    """One line for a long loop, readable in a log file: what is done, what is left and the time left."""
+    spent = time.perf_counter() - start
+    log(f"{name}: {done}/{total} done, {total - done} left, {spent:.0f} s spent, about "
+        f"{spent / done * (total - done):.0f} s left")
+
+
+def sweep(model, paths, ts, data, eval_train, batch_size=256, log=print):
+    """Loss and accuracy at each t along each path; paths[name] = (control points, coefficient function).
     Returns (metrics, test_log_probs): metrics[path][key] lists, test_log_probs[path] is (T, N, C)."""
     n_train = min(eval_train, len(data.train_x))
-    paths = {"curve": (points, coeffs), "line": ([points[0], points[-1]], bezier_coeffs)}
-    metrics, test_log_probs = {}, {}
-    for path, (pts, fn) in paths.items():
-        m, lps = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}, []
-        for t in ts:
-            phi = curve_point(pts, fn(t, len(pts)))
-            for split, xs, ys in (("train", data.train_x[:n_train], data.train_y[:n_train]),
-                                  ("test", data.test_x, data.test_y)):
+    splits = {"train": (data.train_x[:n_train], data.train_y[:n_train]), "test": (data.test_x, data.test_y)}
+    metrics, test_log_probs, start = {}, {}, time.perf_counter()
+    for p, (path, (points, coeffs)) in enumerate(paths.items()):
+        metrics[path] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
+        log_probs = []
+        for i, t in enumerate(ts):
+            phi = curve_point(points, coeffs(t, len(points)))
+            for split, (xs, ys) in splits.items():
                 loss, acc, lp = evaluate(model, phi, xs, ys, batch_size)
-                m[f"{split}_loss"].append(loss)
-                m[f"{split}_acc"].append(acc)
-            lps.append(lp)  # the test split's, for the ensembles
-        metrics[path], test_log_probs[path] = m, torch.stack(lps)
+                metrics[path][f"{split}_loss"].append(loss)
+                metrics[path][f"{split}_acc"].append(acc)
+            log_probs.append(lp)  # the test split's, for the ensembles
+            progress(log, f"sweep ({path}, t = {t:.2f})", p * len(ts) + i + 1, len(paths) * len(ts), start)
+        test_log_probs[path] = torch.stack(log_probs)
     return metrics, test_log_probs
 
 
@@ -340,29 +370,168 @@ def sweep(model, points, coeffs, ts, data, eval_train, batch_size=256):
 # │ 7. Ensembling                                                                                │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 def ensemble_metrics(log_probs, y, bins=15):
-    """Accuracy, NLL = -mean log(1/K sum_k p_k(y)) and ECE of the mean of K members' probabilities.
-    log_probs: (K, N, C). ECE = sum over confidence bins of (bin's share) x |accuracy - confidence|."""
+    """Accuracy, NLL = -mean log(1/K sum_k p_k(y)) and ECE of the mean of K members' probabilities, with the
+    reliability diagram's bins. log_probs: (K, N, C). ECE = sum over bins of (share) x |accuracy - confidence|."""
     mean_log_p = torch.logsumexp(log_probs, 0) - math.log(log_probs.shape[0])  # (N, C)
     nll = -mean_log_p.gather(1, y[:, None]).mean().item()
     conf, pred = mean_log_p.exp().max(1)
     correct = (pred == y).float()
     b = (conf * bins).ceil().long().clamp(1, bins) - 1  # bins (0, 1/15], (1/15, 2/15], ...
-    gap = torch.zeros(bins, device=y.device).index_add_(0, b, correct - conf)
-    return {"acc": correct.mean().item(), "nll": nll, "ece": (gap.abs().sum() / len(y)).item()}
+    count = torch.zeros(bins, device=y.device).index_add_(0, b, torch.ones_like(conf))
+    right = torch.zeros(bins, device=y.device).index_add_(0, b, correct)
+    sure = torch.zeros(bins, device=y.device).index_add_(0, b, conf)
+    ece = ((right - sure).abs().sum() / len(y)).item()
+    filled = [k for k in range(bins) if count[k] > 0]
+    reliability = {"confidence": [(sure[k] / count[k]).item() for k in filled],
+                   "accuracy": [(right[k] / count[k]).item() for k in filled],
+                   "count": [int(count[k]) for k in filled]}
+    return {"acc": correct.mean().item(), "nll": nll, "ece": ece, "reliability": reliability}
 
 
-def ensembles(test_log_probs, y, bins=15):
-    """Endpoints, the {w1, w2} pair, the ensemble of all curve points, and the {w1, phi(t)} pair along
-    t on the curve and on the line, all from the sweep's test log-probabilities."""
-    curve = test_log_probs["curve"]
-    pair = lambda lp: [ensemble_metrics(torch.stack([lp[0], lp_t]), y, bins)["acc"] for lp_t in lp]
-    return {"w1": ensemble_metrics(curve[:1], y, bins), "w2": ensemble_metrics(curve[-1:], y, bins),
-            "w1+w2": ensemble_metrics(curve[[0, -1]], y, bins), "curve": {**ensemble_metrics(curve, y, bins), "size": len(curve)},
-            "pair_along_t": {path: pair(lp) for path, lp in test_log_probs.items()}}
+def ensembles(members, y, bins=15):
+    """Scores of each named ensemble; members[name] holds its K members' test log-probabilities (K, N, C)."""
+    return {name: {**ensemble_metrics(lp, y, bins), "size": len(lp)} for name, lp in members.items()}
+
+
+def pair_along_t(log_probs, y):
+    """Accuracy of the two-model ensemble {phi(0), phi(t)} at each t; log_probs (T, N, C) along one path."""
+    return [ensemble_metrics(torch.stack([log_probs[0], lp]), y)["acc"] for lp in log_probs]
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 8. Landscape                                                                                 │
+# │ 8. Fast ensembles                                                                            │
+# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+def fge_lr(step, cycle_steps, lr_high, lr_low):
+    """Triangular cycle: lr_low -> lr_high at mid-cycle -> lr_low at the cycle's end, where FGE takes a snapshot."""
+    frac = (step % cycle_steps + 1) / cycle_steps
+    return lr_low + (lr_high - lr_low) * (1 - abs(2 * frac - 1))
+
+
+def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low=1e-4, batch_size=128,
+                  weight_decay=5e-4, augment_pad=4, seed=0, log=print):
+    """Fast Geometric Ensembling: from trained weights w, SGD with a cyclical learning rate (fge_lr); the
+    weights at the end of each cycle are one member. Returns (snapshots as weight dicts, history)."""
+    model.load_state_dict(w)
+    model.train()
+    snapshots, history = [], []
+    for cycle in range(cycles):
+        history += sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, cycle_epochs, batch_size,
+                              lambda step, total: fge_lr(step, total, lr_high, lr_low), weight_decay, augment_pad,
+                              seed + cycle, log, f"FGE cycle {cycle + 1}/{cycles}")
+        snapshots.append(detached(dict(model.named_parameters())))
+    return snapshots, history
+
+
+def simplex_coeffs(k, gen=None):
+    """A uniform point of the simplex with k vertices (Dirichlet(1, ..., 1)): c_j = e_j / sum_i e_i, e_j ~ Exp(1)."""
+    e = torch.empty(k, dtype=torch.float64).exponential_(generator=gen)
+    return (e / e.sum()).tolist()
+
+
+def simplex_volume(vertices):
+    """Volume of the simplex with vertices V_0..V_k (weight dicts), by the Cayley-Menger determinant:
+    vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1^T], [1, D]], D_ij = ||V_i - V_j||^2. Differentiable."""
+    k = len(vertices) - 1
+    rows = [torch.stack([sum((a[n] - b[n]).double().square().sum() for n in a) for b in vertices]) for a in vertices]
+    d = torch.stack(rows)  # (k+1, k+1) squared distances
+    ones = d.new_ones(k + 1, 1)
+    cm = torch.cat([torch.cat([d.new_zeros(1, 1), ones.T], 1), torch.cat([ones, d], 1)])  # (k+2, k+2)
+    volume_sq = (-1) ** (k + 1) * torch.linalg.det(cm) / (2 ** k * math.factorial(k) ** 2)
+    return volume_sq.clamp_min(0).sqrt()
+
+
+def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4,
+                  lam=1e-3, augment_pad=4, seed=0, log=print):
+    """Grow a simplex of low loss from fixed vertices (e.g. [w1]), one new vertex at a time, the earlier ones
+    fixed: minimise E_{c~Dirichlet(1)} [ L(sum_j c_j V_j) + wd/2 ||.||^2 ] - lam log vol(V_0..V_k) over the
+    new vertex, which starts at the centroid plus small noise. Returns (all vertices, history)."""
+    vertices, history = [detached(v) for v in vertices], []
+    gen = torch.Generator().manual_seed(seed)
+    for j in range(new_vertices):
+        new = {}
+        for name in vertices[0]:
+            centre = sum(v[name] for v in vertices) / len(vertices)
+            noise = torch.randn(centre.shape, generator=gen).to(centre)
+            new[name] = nn.Parameter(torch.empty_like(vertices[0][name]).copy_(centre + 0.01 * centre.std() * noise))
+        points = [*vertices, new]
+        draw_c = lambda g: simplex_coeffs(len(points), g)  # one uniform point of the simplex per batch
+        spread = lambda pts: -lam * simplex_volume(pts).log()
+        history += train_points(model, points, draw_c, x, y, epochs, batch_size, lr, weight_decay, augment_pad,
+                                seed + j, log, f"simplex vertex {len(points) - 1}", regulariser=spread)
+        vertices.append(detached(new))
+    return vertices, history
+
+
+# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
+# │ 9. Aligning neurons                                                                          │
+# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+NEXT_LAYER = {"conv1": "conv2", "conv2": "conv3", "conv3": "fc1", "fc1": "fc2"}  # hidden layer -> its reader
+
+
+def permute_units(params, perms):
+    """The same function with hidden units reordered: for each layer L in perms (p: LongTensor of its units),
+    L's weight rows and bias become [p] and the next layer's input columns (for fc1: blocks of conv3's
+    flattened channels) become [:, p]."""
+    out = dict(params)
+    for layer, p in perms.items():
+        out[f"{layer}.weight"] = out[f"{layer}.weight"][p]
+        out[f"{layer}.bias"] = out[f"{layer}.bias"][p]
+        nxt = out[f"{NEXT_LAYER[layer]}.weight"]  # (out, units, ...) or (out, units * H/8 * W/8)
+        out[f"{NEXT_LAYER[layer]}.weight"] = nxt.reshape(nxt.shape[0], len(p), -1)[:, p].reshape(nxt.shape)
+    return {k: torch.empty_like(params[k]).copy_(v) for k, v in out.items()}  # keep each tensor's memory layout
+
+
+def unit_features(params, layer):
+    """(units, features): each unit of `layer` as one row of its incoming weights, bias and outgoing weights."""
+    w, nxt = params[f"{layer}.weight"], params[f"{NEXT_LAYER[layer]}.weight"]
+    n = w.shape[0]
+    outgoing = nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
+    return torch.cat([w.reshape(n, -1), params[f"{layer}.bias"][:, None], outgoing], 1)
+
+
+def match_weights(w1, w2, max_rounds=100):
+    """Weight matching (Git Re-Basin): for one hidden layer at a time, the permutation of w2's units that
+    maximises <w1, pi(w2)> is a linear assignment problem; repeat until a round changes nothing. Returns pi(w2)."""
+    from scipy.optimize import linear_sum_assignment
+    perms = {layer: torch.arange(len(w2[f"{layer}.bias"]), device=w2[f"{layer}.bias"].device) for layer in NEXT_LAYER}
+    for _ in range(max_rounds):
+        changed = False
+        for layer in NEXT_LAYER:
+            others = permute_units(w2, {**perms, layer: perms[layer].sort().values})  # every layer but this one
+            similarity = unit_features(w1, layer) @ unit_features(others, layer).T  # (units of w1, units of w2)
+            best = linear_sum_assignment(similarity.double().cpu().numpy(), maximize=True)[1]
+            best = torch.as_tensor(best, device=perms[layer].device)
+            if not torch.equal(best, perms[layer]):
+                changed = True
+            perms[layer] = best
+        if not changed:
+            break
+    return permute_units(w2, perms)
+
+
+def layerwise_barriers(model, w1, targets, ts, x_train, y_train, x_test, y_test, batch_size=256, log=print):
+    """For each path w1 -> targets[path] and each layer: move only that layer's weight and bias, (1-t) w1 +
+    t target, keep the rest at w1. Returns [path][layer] = test-error and train-loss barriers along t, and
+    the test error at t = 1 (w1 with that one layer swapped in)."""
+    out, start, layers = {}, time.perf_counter(), [*NEXT_LAYER, "fc2"]
+    for path, target in targets.items():
+        out[path] = {}
+        for layer in layers:
+            names = [f"{layer}.weight", f"{layer}.bias"]
+            errors, losses = [], []
+            for t in ts:
+                params = {**w1, **curve_point([{n: w1[n] for n in names}, {n: target[n] for n in names}], [1 - t, t])}
+                errors.append(1 - evaluate(model, params, x_test, y_test, batch_size)[1])
+                losses.append(evaluate(model, params, x_train, y_train, batch_size)[0])
+            out[path][layer] = {"test_error": barrier(errors, ts), "train_loss": barrier(losses, ts),
+                                "swapped_test_error": errors[-1]}
+            done = sum(len(barriers) for barriers in out.values())
+            progress(log, f"layer-wise ({path}, {layer})", done, len(targets) * len(layers), start)
+    return out
+
+
+# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
+# │ 10. Landscape                                                                                │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 def dot(p, q):
     """Inner product of two weight dicts, as if each were one long vector."""
@@ -377,7 +546,8 @@ def plane_axes(w1, w2, theta, plane="squeezed"):
         return theta, curve_point([w1, theta], [1, -1]), curve_point([w2, theta], [1, -1])
     if plane != "orthonormal":
         raise ValueError(f"--plane {plane}: unknown; choose squeezed or orthonormal")
-    u, d = curve_point([w2, w1], [1, -1]), curve_point([theta, w1], [1, -1])
+    u = curve_point([w2, w1], [1, -1])
+    d = curve_point([theta, w1], [1, -1])
     v = curve_point([d, u], [1, -dot(d, u) / dot(u, u)])
     scale = math.sqrt(dot(u, u) / max(dot(v, v), 1e-30))
     return w1, u, {k: scale * x for k, x in v.items()}
@@ -386,30 +556,40 @@ def plane_axes(w1, w2, theta, plane="squeezed"):
 def plane_coords(w, origin, e1, e2):
     """(a, b) minimising ||w - (origin + a e1 + b e2)||: exact in the plane, a projection off it."""
     d = curve_point([w, origin], [1, -1])
-    g11, g12, g22, r1, r2 = dot(e1, e1), dot(e1, e2), dot(e2, e2), dot(d, e1), dot(d, e2)
+    g11, g12, g22 = dot(e1, e1), dot(e1, e2), dot(e2, e2)
+    r1, r2 = dot(d, e1), dot(d, e2)
     det = g11 * g22 - g12 * g12
     return (g22 * r1 - g12 * r2) / det, (g11 * r2 - g12 * r1) / det
 
 
-def landscape(model, origin, e1, e2, coords, x, y, batch_size=256):
+def landscape(model, origin, e1, e2, coords, x, y, batch_size=256, log=print):
     """Test loss at origin + a e1 + b e2 for every (a, b) in coords x coords; returns rows b, columns a."""
-    return [[evaluate(model, curve_point([origin, e1, e2], [1, a, b]), x, y, batch_size)[0] for a in coords]
-            for b in coords]
+    rows, start = [], time.perf_counter()
+    for b in coords:
+        rows.append([evaluate(model, curve_point([origin, e1, e2], [1, a, b]), x, y, batch_size)[0] for a in coords])
+        progress(log, "landscape rows", len(rows), len(coords), start)
+    return rows
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 9. Plots                                                                                     │
+# │ 11. Plots                                                                                    │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 # Each figure is a matplotlib Figure drawn straight to a PNG file (Agg renderer): no pyplot, no window.
+def save_figure(fig, path):
+    """Write a figure as PNG through a temporary file, so an interrupted run leaves no half-written image."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+
+
 def plot_landscape(losses, coords, curve_xy, line_xy, marks, plane, title, path):
     """Filled contour of the loss grid (log levels), the curve, the line and marks {name: (a, b)}."""
     import numpy as np
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
-    ax = (fig := Figure(figsize=(6, 5))).subplots()
-    cs = ax.contourf(coords, coords, z, levels=np.geomspace(z.min(), z.max(), 24), norm=LogNorm(z.min(), z.max()),
-                     cmap="viridis_r")
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    levels = np.geomspace(z.min(), z.max(), 24)
+    cs = ax.contourf(coords, coords, z, levels=levels, norm=LogNorm(z.min(), z.max()), cmap="viridis_r")
     fig.colorbar(cs, ax=ax, label="test loss (nats, log scale)", format="%.2g")
     ax.plot(*zip(*line_xy), "--", color="white", lw=1.5, label="straight line")
     ax.plot(*zip(*curve_xy), "-", color="tab:red", lw=2, label="trained curve")
@@ -419,127 +599,199 @@ def plot_landscape(losses, coords, curve_xy, line_xy, marks, plane, title, path)
     ax.set(xlabel="a" if plane == "squeezed" else "along w2 - w1 (units of ||w2 - w1||)",
            ylabel="b" if plane == "squeezed" else "towards theta (same units)", title=title)
     ax.legend(loc="upper right", fontsize=8)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+    save_figure(fig, path)
 
 
-def plot_sweep(ts, metrics, title, path):
-    """Test error and train loss along t, trained curve against straight line."""
+PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned": ("^-.", "tab:green")}
+
+
+def plot_sweep(ts, metrics, layerwise, title, path):
+    """Test error and train loss along t on each path (curve, line, aligned line), then per layer, moving that
+    layer alone: its test-error barrier and the test error of w1 with that layer taken from the target."""
+    import numpy as np
     from matplotlib.figure import Figure
-    axes = (fig := Figure(figsize=(10, 3.8))).subplots(1, 2)
-    for name, style in (("curve", "o-"), ("line", "s--")):
-        axes[0].plot(ts, [100 * (1 - a) for a in metrics[name]["test_acc"]], style, label=name)
-        axes[1].plot(ts, metrics[name]["train_loss"], style, label=name)
+    fig = Figure(figsize=(20, 3.8))
+    axes = fig.subplots(1, 4, gridspec_kw={"wspace": 0.3})
+    for name, m in metrics.items():
+        style, color = PATH_STYLES[name]
+        axes[0].plot(ts, [100 * (1 - a) for a in m["test_acc"]], style, color=color, label=name)
+        axes[1].plot(ts, m["train_loss"], style, color=color, label=name)
     axes[0].set(xlabel="t", ylabel="test error (%)", title=title)
     axes[1].set(xlabel="t", ylabel="train loss (nats)", yscale="log", title="train loss along t")
+    layers = list(layerwise["line"])
+    for ax, key, label in zip(axes[2:], ("test_error", "swapped_test_error"),
+                              ("layer-wise test-error barrier", "test error, one layer from the target")):
+        for i, (name, barriers) in enumerate(layerwise.items()):
+            ax.bar(np.arange(len(layers)) + 0.4 * i, [barriers[layer][key] for layer in layers], 0.4,
+                   color=PATH_STYLES[name][1], label=name)
+        ax.set_xticks(np.arange(len(layers)) + 0.2, layers)
+        ax.set(title=label)
     for ax in axes:
-        ax.legend(), ax.grid(alpha=0.3)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
 
 
-def plot_ensembles(ts, ens, title, path):
-    """Accuracy, NLL and ECE of endpoints and ensembles, and the {w1, phi(t)} pair's accuracy along t."""
+def plot_ensembles(ts, ens, pairs, title, path):
+    """Accuracy, NLL and ECE of every ensemble against the training epochs it cost, a reliability diagram
+    (w1, {w1, w2}, the most accurate ensemble) and the {w1, phi(t)} pair's accuracy along t on each path."""
     from matplotlib.figure import Figure
-    axes = (fig := Figure(figsize=(17, 3.6))).subplots(1, 4, gridspec_kw={"wspace": 0.3})
-    names = ["w1", "w2", "w1+w2", "curve"]
-    for ax, key, label in zip(axes, ("acc", "nll", "ece"), (f"{title}: test accuracy", "test NLL (nats)", "ECE")):
-        vals = [ens[n][key] for n in names]
-        bars = ax.bar(names, vals, color=["tab:gray", "tab:gray", "tab:blue", "tab:red"])
-        ax.bar_label(bars, fmt="%.4f", fontsize=8)
-        if key == "acc":  # accuracies differ by a point or two: do not start the axis at 0
-            ax.set_ylim(min(vals) - 2 * (max(vals) - min(vals)) - 0.01, max(vals) + (max(vals) - min(vals)) + 0.005)
-        ax.set(title=label), ax.grid(axis="y", alpha=0.3)
-    ax = axes[3]
-    ax.plot(ts, ens["pair_along_t"]["curve"], "o-", color="tab:red", label="{w1, phi(t)} on the curve")
-    ax.plot(ts, ens["pair_along_t"]["line"], "s--", color="tab:gray", label="{w1, (1-t)w1 + t w2} on the line")
-    ax.axhline(ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
-    ax.set(xlabel="t", ylabel="test accuracy", title="two-model ensemble along t"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+    fig = Figure(figsize=(24, 4))
+    axes = fig.subplots(1, 5, gridspec_kw={"wspace": 0.3})
+    for ax, key, label in zip(axes, ("acc", "nll", "ece"), ("test accuracy", "test NLL (nats)", "ECE")):
+        for name, e in ens.items():
+            ax.plot(e["epochs"], e[key], "o", ms=8)
+            ax.annotate(f"{name} ({e['size']})", (e["epochs"], e[key]), xytext=(5, 4), textcoords="offset points")
+        ax.set(xlabel="training epochs beyond w1", title=f"{title}: {label}" if key == "acc" else label)
+        ax.grid(alpha=0.3)
+    best = max((n for n in ens if n not in ("w1", "w2", "w1+w2")), key=lambda n: ens[n]["acc"])
+    axes[3].plot([0, 1], [0, 1], ":", color="black", lw=1, label="perfect calibration")
+    for name in ("w1", "w1+w2", best):
+        r = ens[name]["reliability"]
+        axes[3].plot(r["confidence"], r["accuracy"], "o-", label=name)
+    axes[3].set(xlabel="confidence", ylabel="accuracy", title="reliability (bins of confidence)")
+    axes[3].legend(fontsize=8)
+    for name, accs in pairs.items():
+        style, color = PATH_STYLES[name]
+        axes[4].plot(ts, accs, style, color=color, label=f"{{w1, phi(t)}} on the {name}")
+    axes[4].axhline(ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
+    axes[4].set(xlabel="t", ylabel="test accuracy", title="two-model ensemble along t")
+    axes[4].legend(fontsize=7)
+    for ax in axes[3:]:
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 10. Command line                                                                             │
+# │ 12. Command line                                                                             │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def load_stage(path, meta, device="cpu"):
-    """The result saved at `path`; ValueError naming the file if it is unreadable or of another configuration."""
-    try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-        old = saved["meta"]
-    except Exception as err:
-        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it or use another --out") from None
-    if old != meta:
-        diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v)
-        raise ValueError(f"{path}: checkpoint of another configuration ({diff}); delete it or use another --out")
-    return saved["result"]
+class Stages:
+    """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt: a changed option makes a new
+    file, so with resume every stage whose options match is reused, and no other configuration's file is."""
 
+    def __init__(self, out, metas, resume, device, log=print):
+        self.metas, self.resume, self.device, self.log, self.timings = metas, resume, device, log, {}
+        self.paths = {name: Path(out) / f"{name}-{hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]}.pt"
+                      for name, meta in metas.items()}
+        for name, path in self.paths.items():  # refuse a damaged checkpoint now, not after hours of training
+            if resume and path.exists():
+                self.load(name)
 
-def run_stage(path, meta, resume, compute, log=print, device="cpu"):
-    """Reuse the stage saved at `path` when resuming, else compute it and save it atomically."""
-    if resume and path.exists():
-        log(f"resume: reusing {path}")
-        return load_stage(path, meta, device)
-    result = compute()
-    write_atomic(path, lambda tmp: torch.save({"meta": meta, "result": result}, tmp))
-    return result
+    def load(self, name):
+        """The saved result; ValueError naming the file if it is unreadable or of another configuration."""
+        path, meta = self.paths[name], self.metas[name]
+        try:
+            saved = torch.load(path, map_location=self.device, weights_only=True)
+            old = saved["meta"]
+        except Exception as err:
+            raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it") from None
+        if old != meta:
+            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v)
+            raise ValueError(f"{path}: checkpoint of another configuration ({diff}); delete it")
+        return saved["result"]
 
-
-def matmul_gflops(device, size=1024, seconds=1.0):
-    """Float32 matrix-multiply rate of this machine (GFLOP/s), the reference for FLOP efficiency."""
-    a, n, start = torch.randn(size, size, device=device), 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        n, _ = n + 1, (a @ a).sum().item()  # .item() waits for an asynchronous device
-    return 2 * size ** 3 * n / (time.perf_counter() - start) / 1e9
+    def run(self, name, compute):
+        """compute() -> dict with "images" (how many went through the network); reused when resuming."""
+        if self.resume and self.paths[name].exists():
+            self.log(f"resume: reusing {self.paths[name]}")
+            result = self.load(name)
+        else:
+            t0 = time.perf_counter()
+            result = compute()
+            result["seconds"] = time.perf_counter() - t0
+            write_atomic(self.paths[name], lambda tmp: torch.save({"meta": self.metas[name], "result": result}, tmp))
+        self.timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
+        return result
 
 
 def number(kind, low, strict=False):
     """argparse type: an int or float >= low (> low if strict); the error names the value and the rule."""
+    rule = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low}"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and (value > low if strict else value >= low)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected {'an integer' if kind is int else 'a number'}"
-                                             f" {'>' if strict else '>='} {low}")
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected {rule}")
         return value
     return parse
 
 
-QUICK = {"epochs": 4, "curve_epochs": 4, "train_subset": 4000, "test_subset": 1000, "eval_train": 2000,
-         "points": 11, "grid": 11, "eval_test": 500, "width": 16}
+QUICK = {"epochs": 4, "curve_epochs": 8, "batch_size": 64, "train_subset": 4000, "test_subset": 500,
+         "eval_train": 500, "points": 11, "grid": 9, "eval_test": 250, "width": 8, "fge_cycles": 2,
+         "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1, "simplex_samples": 4, "layer_points": 3}
+
+# The options each stage depends on (its own and those of the stages it builds on): they name its checkpoint.
+DATA_OPTIONS = ["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "epochs", "batch_size", "lr",
+                "wd", "no_augment"]
+CURVE_OPTIONS = DATA_OPTIONS + ["curve", "bends", "curve_epochs", "curve_lr"]
+STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
+                 "sweep": CURVE_OPTIONS + ["points", "eval_train"],
+                 "fge": DATA_OPTIONS + ["fge_cycles", "fge_cycle_epochs", "fge_lr", "fge_lr_low"],
+                 "simplex": DATA_OPTIONS + ["simplex_vertices", "simplex_epochs", "simplex_lambda", "simplex_samples"],
+                 "layerwise": DATA_OPTIONS + ["layer_points", "eval_test"],
+                 "landscape": CURVE_OPTIONS + ["grid", "plane", "eval_test"]}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except for flags and options whose help says it."""
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="modeconnectivity.py", description="Train two networks, join them by a low-loss curve, and "
-               "compare the curve with the straight line between them.")
+    """The command line's options, in groups: data, training, curve, fast ensembles, evaluation, run control."""
+    p = argparse.ArgumentParser(prog="modeconnectivity.py", formatter_class=HelpFormatter,
+                                description="Train two networks, join them by a low-loss curve, and compare the "
+                                "curve with the straight line, the aligned line and fast ensembles.")
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, without the usage block
-    a, pos_int = p.add_argument, number(int, 1)
-    a("--dataset", default="cifar10", choices=DATASETS, help="data set (default: cifar10)")
-    a("--data-dir", default="data", help="where data sets are downloaded and cached; for 'folder', the folder "
-      "holding train/<class>/ and test/<class>/ (default: data)")
-    a("--out", help="output folder (default: runs/<dataset>-<curve>)")
-    a("--label", help="data set name in plot titles (default: from --dataset)")
-    a("--curve", default="bezier", choices=sorted(COEFFS), help="curve family (default: bezier)")
-    a("--bends", type=pos_int, default=1, help="middle control points of the curve (default: 1)")
-    a("--width", type=pos_int, default=32, help="ConvNet channels: width, 2*width, 4*width (default: 32)")
-    a("--epochs", type=pos_int, default=30, help="epochs per endpoint (default: 30)")
-    a("--curve-epochs", type=pos_int, default=30, help="epochs of curve training (default: 30)")
-    a("--batch-size", type=pos_int, default=128, help="training batch size (default: 128)")
-    a("--lr", type=number(float, 0, strict=True), default=0.05, help="peak learning rate, endpoints and curve (default: 0.05)")
-    a("--wd", type=number(float, 0), default=5e-4, help="weight decay, as wd/2 ||w||^2 in the loss (default: 5e-4)")
-    a("--no-augment", action="store_true", help="no random crop and flip (they are on for 3-channel images)")
-    a("--seed", type=int, default=0, help="seed of the first endpoint; the second uses seed+1 (default: 0)")
-    a("--train-subset", type=pos_int, help="use the first N training images (default: all; synthetic: 10000)")
-    a("--test-subset", type=pos_int, help="use the first N test images (default: all; synthetic: 2000)")
-    a("--points", type=number(int, 2), default=21, help="evenly spaced t in [0, 1] for the sweep (default: 21)")
-    a("--eval-train", type=pos_int, default=10000, help="training images for train loss along t (default: 10000)")
-    a("--eval-test", type=pos_int, default=2000, help="test images per landscape grid point (default: 2000)")
-    a("--eval-batch", type=pos_int, default=256, help="evaluation batch size (default: 256, fastest measured)")
-    a("--grid", type=number(int, 2), default=21, help="landscape grid lines per axis (default: 21)")
-    a("--plane", default="squeezed", choices=["squeezed", "orthonormal"], help="landscape plane (default: squeezed)")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (default: auto)")
-    a("--quick", action="store_true", help="a first look in under a minute: "
+    pos_int, pos_float, non_neg = number(int, 1), number(float, 0, strict=True), number(float, 0)
+    g = p.add_argument_group("data").add_argument
+    g("--dataset", default="cifar10", choices=DATASETS, help="data set")
+    g("--data-dir", default="data", help="where data sets are downloaded and cached; for 'folder', the folder "
+      "holding train/<class>/ and test/<class>/")
+    g("--train-subset", type=pos_int, help="use the first N training images (default: all; synthetic: 10000)")
+    g("--test-subset", type=pos_int, help="use the first N test images (default: all; synthetic: 2000)")
+    g("--no-augment", action="store_true", help="no random crop and flip (they are on for 3-channel images)")
+    g = p.add_argument_group("model and training of the endpoints").add_argument
+    g("--width", type=pos_int, default=32, help="ConvNet channels: width, 2*width, 4*width")
+    g("--epochs", type=pos_int, default=30, help="epochs per endpoint")
+    g("--batch-size", type=pos_int, default=128, help="training batch size (endpoints, curve, FGE, simplex)")
+    g("--lr", type=pos_float, default=0.05, help="peak learning rate of the endpoints' one-cycle schedule")
+    g("--wd", type=non_neg, default=5e-4, help="weight decay, as wd/2 ||w||^2 in the loss")
+    g("--seed", type=int, default=0, help="seed of the first endpoint; the second uses seed+1")
+    g = p.add_argument_group("curve").add_argument
+    g("--curve", default="bezier", choices=sorted(COEFFS), help="curve family")
+    g("--bends", type=pos_int, default=1, help="middle control points of the curve")
+    g("--curve-epochs", type=pos_int, default=30, help="epochs of curve training")
+    g("--curve-lr", type=pos_float, help="peak learning rate of curve and simplex training (default: --lr)")
+    g = p.add_argument_group("fast ensembles (FGE and simplex)").add_argument
+    g("--fge-cycles", type=number(int, 0), default=4, help="FGE cycles from w1, one member each (0: skip FGE)")
+    g("--fge-cycle-epochs", type=pos_int, default=2, help="epochs per FGE cycle")
+    g("--fge-lr", type=pos_float, default=0.01, help="FGE learning rate at mid-cycle (its high point)")
+    g("--fge-lr-low", type=pos_float, default=1e-4, help="FGE learning rate at the end of a cycle (snapshot)")
+    g("--simplex-vertices", type=number(int, 0), default=2, help="vertices added to w1 (0: skip the simplex)")
+    g("--simplex-epochs", type=pos_int, default=3, help="training epochs per added vertex")
+    g("--simplex-lambda", type=non_neg, default=1e-3, help="weight of -log(volume) in the simplex objective")
+    g("--simplex-samples", type=pos_int, default=8, help="networks sampled from the simplex for its ensemble")
+    g = p.add_argument_group("evaluation and landscape").add_argument
+    g("--points", type=number(int, 2), default=21, help="evenly spaced t in [0, 1] for the sweep")
+    g("--eval-train", type=pos_int, default=10000, help="training images for the train loss along t")
+    g("--eval-test", type=pos_int, default=2000, help="test (and training) images per landscape point and "
+      "layer-wise point")
+    g("--eval-batch", type=pos_int, default=256, help="evaluation batch size (the fastest measured)")
+    g("--layer-points", type=number(int, 2), default=11, help="evenly spaced t for the layer-wise barriers")
+    g("--grid", type=number(int, 2), default=21, help="landscape grid lines per axis")
+    g("--plane", default="squeezed", choices=["squeezed", "orthonormal"], help="landscape plane")
+    g = p.add_argument_group("run control").add_argument
+    g("--out", help="output folder (default: runs/<dataset>-<curve>)")
+    g("--label", help="data set name in plot titles (default: from --dataset)")
+    g("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
+    g("--quick", action="store_true", help="a first look in under a minute: "
       + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " (options you give yourself win)")
-    a("--resume", action="store_true", help="reuse the stages already finished in --out")
+    g("--resume", action="store_true", help="reuse the finished stages in --out whose options match")
     return p
 
 
@@ -547,9 +799,11 @@ def parse_args(argv):
     """Parse and check the options; every problem ends as ValueError naming the option and the value."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for key, value in QUICK.items() if args.quick else ():  # quick values replace defaults, not your options
-        if getattr(args, key) == parser.get_default(key):
-            setattr(args, key, value)
+    if args.quick:
+        for key, value in QUICK.items():  # quick values replace defaults, not the options you gave
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    args.curve_lr = args.curve_lr or args.lr
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if args.device == "auto":
         args.device = next(d for d in ("cuda", "mps", "cpu") if available[d])
@@ -564,122 +818,187 @@ def parse_args(argv):
     return args
 
 
+def new_model(data, width, seed, device):
+    """A ConvNet shaped for the data; its initial weights and dropout masks depend on the seed alone."""
+    torch.manual_seed(seed)
+    model = ConvNet(data.train_x.shape[1], len(data.classes), data.train_x.shape[2], width)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def images_seen(history):
+    """Images through the network in training epochs (from their rates and durations)."""
+    return sum(h["images_per_s"] * h["seconds"] for h in history)
+
+
+def endpoints_stage(args, data, pad, log):
+    """Both endpoints: one training function, seeds args.seed and args.seed + 1."""
+    states, history = [], []
+    for seed in (args.seed, args.seed + 1):
+        model = new_model(data, args.width, seed, data.train_x.device)
+        history += train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size, args.lr, args.wd,
+                                  pad, seed, log)
+        states.append(detached(dict(model.named_parameters())))
+    return {"states": states, "history": history, "images": images_seen(history)}
+
+
+def curve_stage(args, model, w1, w2, data, pad, log):
+    points, history = train_curve(model, w1, w2, data.train_x, data.train_y, COEFFS[args.curve], args.bends,
+                                  args.curve_epochs, args.batch_size, args.curve_lr, args.wd, pad, args.seed + 2, log)
+    return {"points": points, "history": history, "images": images_seen(history)}
+
+
+def sweep_stage(args, model, paths, ts, data, log):
+    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, args.eval_batch, log)
+    images = len(paths) * len(ts) * (min(args.eval_train, len(data.train_x)) + len(data.test_x))
+    return {"metrics": metrics, "log_probs": log_probs, "images": images}
+
+
+def fast_ensemble_stage(members, history, epochs, model, data, batch_size):
+    """An ensemble's members (weight dicts), their test log-probabilities (K, N, C) and its training cost."""
+    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y, batch_size)[2] for w in members])
+    return {"members": members, "log_probs": log_probs, "history": history, "epochs": epochs,
+            "images": images_seen(history) + len(members) * len(data.test_x)}
+
+
+def fge_stage(args, model, w1, data, pad, log):
+    snapshots, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles, args.fge_cycle_epochs,
+                                       args.fge_lr, args.fge_lr_low, args.batch_size, args.wd, pad, args.seed + 3, log)
+    return fast_ensemble_stage(snapshots, history, args.fge_cycles * args.fge_cycle_epochs, model, data,
+                               args.eval_batch)
+
+
+def simplex_stage(args, model, w1, data, pad, log):
+    vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, args.simplex_vertices,
+                                      args.simplex_epochs, args.batch_size, args.curve_lr, args.wd,
+                                      args.simplex_lambda, pad, args.seed + 4, log)
+    gen = torch.Generator().manual_seed(args.seed + 5)
+    samples = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(args.simplex_samples)]
+    result = fast_ensemble_stage(samples, history, args.simplex_vertices * args.simplex_epochs, model, data,
+                                 args.eval_batch)
+    return {**result, "vertices": vertices, "volume": simplex_volume(vertices).item()}
+
+
+def layerwise_stage(args, model, w1, targets, data, log):
+    ts = [i / (args.layer_points - 1) for i in range(args.layer_points)]
+    n = min(args.eval_test, len(data.train_x), len(data.test_x))
+    result = layerwise_barriers(model, w1, targets, ts, data.train_x[:n], data.train_y[:n], data.test_x[:n],
+                                data.test_y[:n], args.eval_batch, log)
+    return {"barriers": result, "images": len(targets) * (len(NEXT_LAYER) + 1) * len(ts) * 2 * n}
+
+
+def landscape_stage(args, model, points, data, log):
+    """Loss on a grid in the plane of w1, w2, theta (phi(0.5) for several bends); the paths' places in it."""
+    coeffs, n = COEFFS[args.curve], len(points)
+    theta = points[1] if n == 3 else curve_point(points, coeffs(0.5, n))
+    origin, e1, e2 = plane_axes(points[0], points[-1], theta, args.plane)
+    coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
+    fine = [i / 60 for i in range(61)]
+    curve_xy = [plane_coords(curve_point(points, coeffs(t, n)), origin, e1, e2) for t in fine]
+    line_xy = [plane_coords(curve_point([points[0], points[-1]], [1 - t, t]), origin, e1, e2) for t in fine]
+    marks = {"w1": curve_xy[0], "w2": curve_xy[-1], "theta" if n == 3 else "phi(0.5)": plane_coords(theta, origin, e1, e2)}
+    x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
+    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, args.eval_batch, log), "coords": coords,
+            "curve_xy": curve_xy, "line_xy": line_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
+
+
+def ensemble_stage(args, curve_log_probs, fast, y):
+    """Every ensemble's accuracy, NLL, ECE, size and training cost in epochs beyond the first endpoint."""
+    members = {"w1": curve_log_probs[:1], "w2": curve_log_probs[-1:], "w1+w2": curve_log_probs[[0, -1]],
+               "curve": curve_log_probs, **{name: stage["log_probs"] for name, stage in fast.items()}}
+    epochs = {"w1": 0, "w2": args.epochs, "w1+w2": args.epochs, "curve": args.epochs + args.curve_epochs,
+              **{name: stage["epochs"] for name, stage in fast.items()}}
+    scores = ensembles(members, y)
+    for name in scores:
+        scores[name]["epochs"] = epochs[name]
+    return scores
+
+
+def efficiency(model, w1, data, timings, endpoint_history, batch_size):
+    """Speed ratios measured in this process: training stages against endpoint training, evaluation stages
+    against plain inference of one fixed model on the test images (median of 3 passes), both in images/s."""
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        evaluate(model, w1, data.test_x, data.test_y, batch_size)
+        rates.append(len(data.test_x) / (time.perf_counter() - t0))
+    result = {"plain_inference_images_per_s": sorted(rates)[1],
+              "data_fraction_of_training": max(h["data_fraction"] for h in endpoint_history)}
+    for name, timing in timings.items():
+        if name in ("curve", "fge", "simplex"):
+            result[f"{name}_vs_endpoint_training"] = timing["images_per_s"] / timings["endpoints"]["images_per_s"]
+        if name in ("sweep", "layerwise", "landscape"):
+            result[f"{name}_vs_plain_inference"] = timing["images_per_s"] / result["plain_inference_images_per_s"]
+    return result
+
+
+def collect_results(args, device, ts, metrics, ens, pairs, layers, land, timings):
+    """results.json: accuracies and errors as fractions in [0, 1], losses in nats."""
+    barriers = {path: {"train_loss": barrier(m["train_loss"], ts), "test_error": barrier([1 - a for a in m["test_acc"]], ts)}
+                for path, m in metrics.items()}
+    return {"config": vars(args),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+                         "threads": torch.get_num_threads()},
+            "endpoints": [{"seed": args.seed + i, **{k: v[end] for k, v in metrics["curve"].items()}}
+                          for i, end in enumerate((0, -1))],
+            "sweep": {"t": ts, **metrics}, "barrier": barriers, "ensemble": {**ens, "pair_along_t": pairs},
+            "layerwise": layers, "landscape": {"plane": args.plane, "range": [land["coords"][0], land["coords"][-1]],
+                                               "grid": args.grid, **{k: land[k] for k in LANDSCAPE_KEYS}},
+            "timings": timings}
+
+
+LANDSCAPE_KEYS = ("test_loss", "coords", "curve_xy", "line_xy", "marks")
+LABELS = {"cifar10": "CIFAR-10", "mnist": "MNIST", "fashionmnist": "Fashion-MNIST", "synthetic": "synthetic data"}
+
+
 def run(args, log=print):
-    """Run every stage in order; write checkpoints, figures and results.json to args.out; return the results."""
-    out, device, cfg, timings = Path(args.out), torch.device(args.device), vars(args).copy(), {}
-    label = args.label or {"cifar10": "CIFAR-10", "mnist": "MNIST", "fashionmnist": "Fashion-MNIST",
-                           "synthetic": "synthetic data", "folder": Path(args.data_dir).name}[args.dataset]
-    options = [["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "epochs", "batch_size", "lr",
-                "wd", "no_augment"], ["curve", "bends", "curve_epochs"], ["points", "eval_train"],
-               ["grid", "plane", "eval_test"]]
-    metas = {name: {k: cfg[k] for k in sum(options[:i + 1], [])}  # a stage depends on its and earlier options
-             for i, name in enumerate(("endpoints", "curve", "sweep", "landscape"))}
-    for name in [n for n in metas if (out / f"{n}.pt").exists()]:  # refuse a broken or foreign checkpoint
-        load_stage(out / f"{name}.pt", metas[name], device)       # now, not after hours of training
-
-    def stage(name, compute):  # compute() -> dict with "images": how many went through the network
-        def timed():
-            t0 = time.perf_counter()
-            return {**compute(), "seconds": time.perf_counter() - t0}
-        result = run_stage(out / f"{name}.pt", metas[name], args.resume, timed, log, device)
-        timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
-        return result
-
+    """The recipe, one call per stage: data, endpoints, curve, the sweep along curve, line and aligned line,
+    fast ensembles, layer-wise barriers, landscape, figures. Writes everything to args.out; returns results."""
+    out, device = Path(args.out), torch.device(args.device)
+    metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
+    stages = Stages(out, metas, args.resume, device, log)
     t0 = time.perf_counter()
     data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed)
-    n_train, n_test, seconds = len(data.train_x), len(data.test_x), time.perf_counter() - t0
-    timings["data"] = {"seconds": seconds, "images_per_s": (n_train + n_test) / seconds}
-    channels, size, n_points, coeffs = data.train_x.shape[1], data.train_x.shape[2], args.bends + 2, COEFFS[args.curve]
-    log(f"data: {label}, {n_train} training and {n_test} test images of {channels}x{size}x{size}, on {device}")
-    pad = 0 if args.no_augment or channels != 3 else 4
-    seen = lambda histories: sum(h["images_per_s"] * h["seconds"] for h in histories)
+    stages.timings["data"] = {"seconds": time.perf_counter() - t0,
+                              "images_per_s": (len(data.train_x) + len(data.test_x)) / (time.perf_counter() - t0)}
+    label = args.label or LABELS.get(args.dataset) or Path(args.data_dir).name
+    log(f"data: {label}, {len(data.train_x)} training and {len(data.test_x)} test images of "
+        f"{'x'.join(map(str, data.train_x.shape[1:]))}, on {device}")
+    pad = 0 if args.no_augment or data.train_x.shape[1] != 3 else 4
 
-    def new_model(seed):
-        torch.manual_seed(seed)  # initial weights and dropout masks depend on the seed alone
-        return ConvNet(channels, len(data.classes), size, args.width).to(device, memory_format=torch.channels_last)
-
-    def train_endpoints():
-        states, histories = [], []
-        for seed in (args.seed, args.seed + 1):  # one training function, two seeds
-            model = new_model(seed)
-            histories += train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size, args.lr,
-                                        args.wd, pad, seed, log)
-            states.append(model.state_dict())
-        return {"states": states, "history": histories, "images": seen(histories)}
-
-    ends = stage("endpoints", train_endpoints)
-    w1, w2 = ({k: v.to(device) for k, v in s.items()} for s in ends["states"])
-    model = new_model(args.seed + 2)  # its own weights are never used: functional_call replaces them all
-
-    def train_curve_stage():
-        points, history = train_curve(model, w1, w2, data.train_x, data.train_y, coeffs, args.bends,
-                                      args.curve_epochs, args.batch_size, args.lr, args.wd, pad, args.seed + 2, log)
-        return {"points": points, "history": history, "images": seen(history)}
-
-    points = [{k: v.to(device) for k, v in p.items()} for p in stage("curve", train_curve_stage)["points"]]
+    ends = stages.run("endpoints", lambda: endpoints_stage(args, data, pad, log))
+    w1, w2 = ends["states"]
+    model = new_model(data, args.width, args.seed + 2, device)  # functional_call replaces all its weights
+    points = stages.run("curve", lambda: curve_stage(args, model, w1, w2, data, pad, log))["points"]
+    aligned = match_weights(w1, w2)  # w2 with its hidden units reordered to match w1's
+    paths = {"curve": (points, COEFFS[args.curve]), "line": ([w1, w2], bezier_coeffs),
+             "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]
-    sw = stage("sweep", lambda: dict(zip(("metrics", "log_probs"), sweep(model, points, coeffs, ts, data, args.eval_train,
-                                                                         args.eval_batch)),
-                                     images=args.points * 2 * (min(args.eval_train, n_train) + n_test)))
-    metrics, ens = sw["metrics"], ensembles(sw["log_probs"], data.test_y)
-
-    theta = points[1] if args.bends == 1 else curve_point(points, coeffs(0.5, n_points))
-    origin, e1, e2 = plane_axes(points[0], points[-1], theta, args.plane)
-    lo, hi = -0.5, 1.5  # both axes: w1, w2 and theta sit at 0 and 1, with half a unit of margin
-    coords = [lo + i * (hi - lo) / (args.grid - 1) for i in range(args.grid)]
-    x_l, y_l = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    grid = stage("landscape", lambda: {"test_loss": landscape(model, origin, e1, e2, coords, x_l, y_l, args.eval_batch),
-                                       "images": args.grid ** 2 * len(x_l)})["test_loss"]
-    fine = [i / 60 for i in range(61)]
-    curve_xy = [plane_coords(curve_point(points, coeffs(t, n_points)), origin, e1, e2) for t in fine]
-    line_xy = [plane_coords(curve_point([points[0], points[-1]], [1 - t, t]), origin, e1, e2) for t in fine]
-    marks = {"w1": curve_xy[0], "w2": curve_xy[-1],
-             "theta" if args.bends == 1 else "phi(0.5)": plane_coords(theta, origin, e1, e2)}
+    sw = stages.run("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
+    fast = {}
+    if args.fge_cycles > 0:
+        fast["fge"] = stages.run("fge", lambda: fge_stage(args, model, w1, data, pad, log))
+    if args.simplex_vertices > 0:
+        fast["simplex"] = stages.run("simplex", lambda: simplex_stage(args, model, w1, data, pad, log))
+    ens = ensemble_stage(args, sw["log_probs"]["curve"], fast, data.test_y)
+    pairs = {path: pair_along_t(lp, data.test_y) for path, lp in sw["log_probs"].items()}
+    targets = {"line": w2, "aligned": aligned}
+    layers = stages.run("layerwise", lambda: layerwise_stage(args, model, w1, targets, data, log))["barriers"]
+    land = stages.run("landscape", lambda: landscape_stage(args, model, points, data, log))
 
     t0 = time.perf_counter()
-    where = "" if args.bends == 1 else "\nplane through w1, w2, phi(0.5); the curve is projected onto it"
-    plot_landscape(grid, coords, curve_xy, line_xy, marks, args.plane, f"{label}: test loss, {args.plane} plane{where}",
-                   out / "landscape.png")
-    plot_sweep(ts, metrics, f"{label}: {args.curve} curve vs straight line", out / "sweep.png")
-    plot_ensembles(ts, ens, label, out / "ensembles.png")
-    timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
+    note = "" if args.bends == 1 else "\nplane through w1, w2, phi(0.5); the curve is projected onto it"
+    plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["line_xy"], land["marks"], args.plane,
+                   f"{label}: test loss, {args.plane} plane{note}", out / "landscape.png")
+    plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
+    plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
+    stages.timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
 
-    # Yardsticks measured in this process: plain inference of one fixed model over the test images (median
-    # of 3 passes), the FLOPs of one image's forward pass (from the layer shapes) and the matmul peak.
-    def plain_rate():
-        t0 = time.perf_counter()
-        evaluate(model, w1, data.test_x, data.test_y, args.eval_batch)
-        return n_test / (time.perf_counter() - t0)
-    with FlopCounterMode(display=False) as counter:
-        evaluate(model, w1, data.test_x[:1], data.test_y[:1])
-    flops, peak, train_ips, plain_ips = counter.get_total_flops(), matmul_gflops(device), \
-        timings["endpoints"]["images_per_s"], sorted(plain_rate() for _ in range(3))[1]
-    results = {
-        "config": cfg,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-                     "threads": torch.get_num_threads()},
-        "endpoints": [{"seed": args.seed + i, **{k: v[end] for k, v in metrics["curve"].items()}}
-                      for i, end in enumerate((0, -1))],
-        "sweep": {"t": ts, **metrics},
-        "barrier": {p: {"train_loss": barrier(metrics[p]["train_loss"], ts),
-                        "test_error": barrier([1 - a for a in metrics[p]["test_acc"]], ts)} for p in metrics},
-        "ensemble": ens,
-        "landscape": {"plane": args.plane, "range": [lo, hi], "grid": args.grid, "test_loss": grid,
-                      "coords": coords, "curve_xy": curve_xy, "line_xy": line_xy, "marks": marks},
-        "timings": timings,
-        "efficiency": {"forward_flops_per_image": flops, "matmul_gflops": peak,  # 1024x1024 float32 matmul rate
-                       "endpoint_training_vs_matmul": 3 * flops * train_ips / (peak * 1e9),
-                       "curve_vs_endpoint_training": timings["curve"]["images_per_s"] / train_ips,
-                       "plain_inference_images_per_s": plain_ips,
-                       "sweep_vs_plain_inference": timings["sweep"]["images_per_s"] / plain_ips,
-                       "landscape_vs_plain_inference": timings["landscape"]["images_per_s"] / plain_ips,
-                       "data_fraction_of_training": max(h["data_fraction"] for h in ends["history"])},
-    }
+    results = collect_results(args, device, ts, sw["metrics"], ens, pairs, layers, land, stages.timings)
+    results["efficiency"] = efficiency(model, w1, data, stages.timings, ends["history"], args.eval_batch)
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
-    b, e = results["barrier"], results["endpoints"]
-    log(f"done: endpoints test acc {e[0]['test_acc']:.4f} / {e[1]['test_acc']:.4f}; test-error barrier: line "
-        f"{b['line']['test_error']:.4f}, curve {b['curve']['test_error']:.4f}; curve ensemble acc "
-        f"{ens['curve']['acc']:.4f}; wrote {out}/results.json")
+    barriers = ", ".join(f"{path} {b['test_error']:.4f}" for path, b in results["barrier"].items())
+    log(f"done: test-error barriers {barriers}; ensemble accuracy "
+        + ", ".join(f"{name} {e['acc']:.4f}" for name, e in ens.items()) + f"; wrote {out}/results.json")
     return results
 
 
