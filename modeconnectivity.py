@@ -9,9 +9,8 @@ and draws the loss in the plane of w1, w2 and the bend theta. Its section banner
     python modeconnectivity.py --dataset cifar10               # downloads CIFAR-10 into --data-dir
     python modeconnectivity.py --dataset folder --data-dir data/cifar10-jpeg   # any ImageFolder copy
 
-A run writes results.json, three PNG figures and the checkpoints --resume reuses to --out.
-Measured with torch 2.14.1 on 2 CPU cores (README.md): the CIFAR-10 (JPEG copy) run took 30 min, with
-endpoints at 83.6 / 84.1 % test accuracy and a test-error barrier of 71.6 points (line) vs 2.7 (curve).
+A run writes results.json, three PNG figures and the checkpoints --resume reuses to --out. On CIFAR-10
+(README.md: 30 min, 2 CPU cores) the test-error barrier was 71.6 points on the line, 2.7 on the curve.
 """
 import argparse
 import hashlib
@@ -68,8 +67,7 @@ def augment(x, pad, gen):
 
 
 def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0):
-    """Class-structured uint8 images: each class owns 4 smooth random prototypes; an image is one of them,
-    shifted, mirrored, with random contrast and noise. Deterministic given the seed."""
+    """Class-structured uint8 images: one of 4 smooth random prototypes per class, shifted, mirrored and noisy."""
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes * 4, channels, 4, 4, generator=gen)
     protos = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
@@ -124,8 +122,7 @@ def read_torchvision(name, data_dir):
 
 
 def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, image_size=32):
-    """Decode a data set once (cached as uint8 in data_dir), normalise it once, keep it on `device`.
-    train_size/test_size keep the first images (synthetic: how many to generate, default 10000/2000)."""
+    """Decode a data set once (cached as uint8 in data_dir); its first train_size/test_size images, normalised."""
     if name not in DATASETS:
         raise ValueError(f"--dataset {name}: unknown; choose from {', '.join(DATASETS)}")
     if name == "synthetic":
@@ -156,8 +153,7 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
 # │ 2. Model                                                                                     │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 class ConvNet(nn.Module):
-    """Three 3x3 conv layers (ReLU, 2x2 max-pool) with width, 2*width, 4*width channels, then two
-    linear layers with dropout. No BatchNorm, so any weight dict can be evaluated as it is."""
+    """3x3 conv layers of width, 2*width, 4*width (ReLU, 2x2 max-pool), two linear layers with dropout, no BatchNorm."""
 
     def __init__(self, in_channels=3, num_classes=10, image_size=32, width=32, dropout=0.2):
         super().__init__()
@@ -192,9 +188,8 @@ def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
 
 
 def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name):
-    """SGD (Nesterov momentum 0.9) on params of the objective CE(logits, y) + penalty, where
-    forward(x_batch) -> (logits, penalty) and lr_at(step, total_steps) -> learning rate.
-    Returns one dict per epoch (loss, acc, images/s, ...)."""
+    """SGD (Nesterov momentum 0.9) on CE(logits, y) + penalty, where forward(x_batch) -> (logits, penalty) and
+    lr_at(step, total_steps) -> learning rate. Returns one dict per epoch (loss, acc, images/s, ...)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     opt = torch.optim.SGD(params, lr=lr_at(0, 1), momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = max(1, len(x) // batch_size)  # the last partial batch is dropped, as in most recipes
@@ -309,8 +304,7 @@ def detached(params):
 
 def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, batch_size=128, lr=0.05,
                 weight_decay=5e-4, augment_pad=4, seed=0, log=print):
-    """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the middle control points only (they
-    start on the straight line). Returns (points, history), points = [w1, middle..., w2] as dicts."""
+    """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the middle points; returns (points, history)."""
     n = bends + 2
     w1, w2 = detached(w1), detached(w2)
     middle = [{k: nn.Parameter(w1[k] + i / (n - 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, n - 1)]
@@ -409,8 +403,7 @@ def fge_lr(step, cycle_steps, lr_high, lr_low):
 
 def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low=1e-4, batch_size=128,
                   weight_decay=5e-4, augment_pad=4, seed=0, log=print):
-    """Fast Geometric Ensembling: from trained weights w, SGD with a cyclical learning rate (fge_lr); the
-    weights at the end of each cycle are one member. Returns (snapshots as weight dicts, history)."""
+    """Fast Geometric Ensembling: SGD from w with a cyclical rate (fge_lr); returns (cycle-end snapshots, history)."""
     model.load_state_dict(w)
     model.train()
     snapshots, history = [], []
@@ -442,9 +435,8 @@ def simplex_volume(vertices):
 
 def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4,
                   lam=1e-3, augment_pad=4, seed=0, log=print):
-    """Grow a simplex of low loss from fixed vertices (e.g. [w1]), one new vertex at a time, the earlier ones
-    fixed: minimise E_{c~Dirichlet(1)} [ L(sum_j c_j V_j) + wd/2 ||.||^2 ] - lam log vol(V_0..V_k) over the
-    new vertex, which starts at the centroid plus small noise. Returns (all vertices, history)."""
+    """Grow a simplex from fixed vertices, one new vertex (from the centroid) at a time; returns (vertices, history):
+    minimise E_{c~Dirichlet(1)} [ L(sum_j c_j V_j) + wd/2 ||.||^2 ] - lam log vol(V_0..V_k) over the new vertex."""
     vertices, history = [detached(v) for v in vertices], []
     gen = torch.Generator().manual_seed(seed)
     for j in range(new_vertices):
@@ -469,9 +461,7 @@ NEXT_LAYER = {"conv1": "conv2", "conv2": "conv3", "conv3": "fc1", "fc1": "fc2"} 
 
 
 def permute_units(params, perms):
-    """The same function with hidden units reordered: for each layer L in perms (p: LongTensor of its units),
-    L's weight rows and bias become [p] and the next layer's input columns (for fc1: blocks of conv3's
-    flattened channels) become [:, p]."""
+    """The same function with hidden units reordered: rows [p] of each layer in perms, columns [:, p] of the next."""
     out = dict(params)
     for layer, p in perms.items():
         out[f"{layer}.weight"] = out[f"{layer}.weight"][p]
@@ -481,38 +471,31 @@ def permute_units(params, perms):
     return {k: torch.empty_like(params[k]).copy_(v) for k, v in out.items()}  # keep each tensor's memory layout
 
 
-def unit_features(params, layer):
-    """(units, features): each unit of `layer` as one row of its incoming weights, bias and outgoing weights."""
-    w, nxt = params[f"{layer}.weight"], params[f"{NEXT_LAYER[layer]}.weight"]
-    n = w.shape[0]
-    outgoing = nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
-    return torch.cat([w.reshape(n, -1), params[f"{layer}.bias"][:, None], outgoing], 1)
-
-
 def match_weights(w1, w2, max_rounds=100):
-    """Weight matching (Git Re-Basin): for one hidden layer at a time, the permutation of w2's units that
-    maximises <w1, pi(w2)> is a linear assignment problem; repeat until a round changes nothing. Returns pi(w2)."""
+    """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, one linear assignment per layer per round."""
     from scipy.optimize import linear_sum_assignment
+
+    def unit_features(params, layer):  # (units, features): each unit's incoming weights, bias, outgoing weights
+        w, nxt = params[f"{layer}.weight"], params[f"{NEXT_LAYER[layer]}.weight"]
+        n = w.shape[0]
+        outgoing = nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
+        return torch.cat([w.reshape(n, -1), params[f"{layer}.bias"][:, None], outgoing], 1)
+
     perms = {layer: torch.arange(len(w2[f"{layer}.bias"]), device=w2[f"{layer}.bias"].device) for layer in NEXT_LAYER}
     for _ in range(max_rounds):
-        changed = False
+        previous = dict(perms)
         for layer in NEXT_LAYER:
             others = permute_units(w2, {**perms, layer: perms[layer].sort().values})  # every layer but this one
             similarity = unit_features(w1, layer) @ unit_features(others, layer).T  # (units of w1, units of w2)
             best = linear_sum_assignment(similarity.double().cpu().numpy(), maximize=True)[1]
-            best = torch.as_tensor(best, device=perms[layer].device)
-            if not torch.equal(best, perms[layer]):
-                changed = True
-            perms[layer] = best
-        if not changed:
+            perms[layer] = torch.as_tensor(best, device=perms[layer].device)
+        if all(torch.equal(previous[layer], perms[layer]) for layer in NEXT_LAYER):  # a round changed nothing
             break
     return permute_units(w2, perms)
 
 
 def layerwise_barriers(model, w1, targets, ts, x_train, y_train, x_test, y_test, batch_size=256, log=print):
-    """For each path w1 -> targets[path] and each layer: move only that layer's weight and bias, (1-t) w1 +
-    t target, keep the rest at w1. Returns [path][layer] = test-error and train-loss barriers along t, and
-    the test error at t = 1 (w1 with that one layer swapped in)."""
+    """Barriers when one layer alone moves, (1-t) w1 + t targets[path]; [path][layer] also has the error at t = 1."""
     out, start, layers = {}, time.perf_counter(), [*NEXT_LAYER, "fc2"]
     for path, target in targets.items():
         out[path] = {}
@@ -606,8 +589,7 @@ PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned
 
 
 def plot_sweep(ts, metrics, layerwise, title, path):
-    """Test error and train loss along t on each path (curve, line, aligned line), then per layer, moving that
-    layer alone: its test-error barrier and the test error of w1 with that layer taken from the target."""
+    """Test error and train loss along t on each path, then each layer's barrier and swapped-in error (layerwise)."""
     import numpy as np
     from matplotlib.figure import Figure
     fig = Figure(figsize=(20, 3.8))
@@ -633,8 +615,7 @@ def plot_sweep(ts, metrics, layerwise, title, path):
 
 
 def plot_ensembles(ts, ens, pairs, title, path):
-    """Accuracy, NLL and ECE of every ensemble against the training epochs it cost, a reliability diagram
-    (w1, {w1, w2}, the most accurate ensemble) and the {w1, phi(t)} pair's accuracy along t on each path."""
+    """Accuracy, NLL and ECE of the ensembles against their cost, reliability, and {w1, phi(t)} pairs along t."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(24, 4))
     axes = fig.subplots(1, 5, gridspec_kw={"wspace": 0.3})
@@ -643,7 +624,6 @@ def plot_ensembles(ts, ens, pairs, title, path):
             ax.plot(e["epochs"], e[key], "o", ms=8)
             ax.annotate(f"{name} ({e['size']})", (e["epochs"], e[key]), xytext=(5, 4), textcoords="offset points")
         ax.set(xlabel="training epochs beyond w1", title=f"{title}: {label}" if key == "acc" else label)
-        ax.grid(alpha=0.3)
     best = max((n for n in ens if n not in ("w1", "w2", "w1+w2")), key=lambda n: ens[n]["acc"])
     axes[3].plot([0, 1], [0, 1], ":", color="black", lw=1, label="perfect calibration")
     for name in ("w1", "w1+w2", best):
@@ -657,7 +637,7 @@ def plot_ensembles(ts, ens, pairs, title, path):
     axes[4].axhline(ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
     axes[4].set(xlabel="t", ylabel="test accuracy", title="two-model ensemble along t")
     axes[4].legend(fontsize=7)
-    for ax in axes[3:]:
+    for ax in axes:
         ax.grid(alpha=0.3)
     save_figure(fig, path)
 
@@ -666,13 +646,12 @@ def plot_ensembles(ts, ens, pairs, title, path):
 # │ 12. Command line                                                                             │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 class Stages:
-    """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt: a changed option makes a new
-    file, so with resume every stage whose options match is reused, and no other configuration's file is."""
+    """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt; resume reuses those that match."""
 
     def __init__(self, out, metas, resume, device, log=print):
         self.metas, self.resume, self.device, self.log, self.timings = metas, resume, device, log, {}
-        self.paths = {name: Path(out) / f"{name}-{hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]}.pt"
-                      for name, meta in metas.items()}
+        digest = lambda meta: hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+        self.paths = {name: Path(out) / f"{name}-{digest(meta)}.pt" for name, meta in metas.items()}
         for name, path in self.paths.items():  # refuse a damaged checkpoint now, not after hours of training
             if resume and path.exists():
                 self.load(name)
@@ -853,29 +832,24 @@ def sweep_stage(args, model, paths, ts, data, log):
     return {"metrics": metrics, "log_probs": log_probs, "images": images}
 
 
-def fast_ensemble_stage(members, history, epochs, model, data, batch_size):
-    """An ensemble's members (weight dicts), their test log-probabilities (K, N, C) and its training cost."""
-    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y, batch_size)[2] for w in members])
-    return {"members": members, "log_probs": log_probs, "history": history, "epochs": epochs,
+def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
+    """FGE snapshots ("fge") or samples of a simplex grown from w1: members, test log-probabilities, cost."""
+    if kind == "fge":
+        members, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles,
+                                         args.fge_cycle_epochs, args.fge_lr, args.fge_lr_low, args.batch_size,
+                                         args.wd, pad, args.seed + 3, log)
+        result = {"epochs": args.fge_cycles * args.fge_cycle_epochs}
+    else:
+        vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, args.simplex_vertices,
+                                          args.simplex_epochs, args.batch_size, args.curve_lr, args.wd,
+                                          args.simplex_lambda, pad, args.seed + 4, log)
+        gen = torch.Generator().manual_seed(args.seed + 5)
+        members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(args.simplex_samples)]
+        result = {"epochs": args.simplex_vertices * args.simplex_epochs, "vertices": vertices,
+                  "volume": simplex_volume(vertices).item()}
+    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y, args.eval_batch)[2] for w in members])
+    return {**result, "members": members, "log_probs": log_probs, "history": history,
             "images": images_seen(history) + len(members) * len(data.test_x)}
-
-
-def fge_stage(args, model, w1, data, pad, log):
-    snapshots, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles, args.fge_cycle_epochs,
-                                       args.fge_lr, args.fge_lr_low, args.batch_size, args.wd, pad, args.seed + 3, log)
-    return fast_ensemble_stage(snapshots, history, args.fge_cycles * args.fge_cycle_epochs, model, data,
-                               args.eval_batch)
-
-
-def simplex_stage(args, model, w1, data, pad, log):
-    vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, args.simplex_vertices,
-                                      args.simplex_epochs, args.batch_size, args.curve_lr, args.wd,
-                                      args.simplex_lambda, pad, args.seed + 4, log)
-    gen = torch.Generator().manual_seed(args.seed + 5)
-    samples = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(args.simplex_samples)]
-    result = fast_ensemble_stage(samples, history, args.simplex_vertices * args.simplex_epochs, model, data,
-                                 args.eval_batch)
-    return {**result, "vertices": vertices, "volume": simplex_volume(vertices).item()}
 
 
 def layerwise_stage(args, model, w1, targets, data, log):
@@ -891,11 +865,12 @@ def landscape_stage(args, model, points, data, log):
     coeffs, n = COEFFS[args.curve], len(points)
     theta = points[1] if n == 3 else curve_point(points, coeffs(0.5, n))
     origin, e1, e2 = plane_axes(points[0], points[-1], theta, args.plane)
+    xy = lambda w: plane_coords(w, origin, e1, e2)  # a weight dict's place in the plane
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
     fine = [i / 60 for i in range(61)]
-    curve_xy = [plane_coords(curve_point(points, coeffs(t, n)), origin, e1, e2) for t in fine]
-    line_xy = [plane_coords(curve_point([points[0], points[-1]], [1 - t, t]), origin, e1, e2) for t in fine]
-    marks = {"w1": curve_xy[0], "w2": curve_xy[-1], "theta" if n == 3 else "phi(0.5)": plane_coords(theta, origin, e1, e2)}
+    curve_xy = [xy(curve_point(points, coeffs(t, n))) for t in fine]
+    line_xy = [xy(curve_point([points[0], points[-1]], [1 - t, t])) for t in fine]
+    marks = {"w1": curve_xy[0], "w2": curve_xy[-1], "theta" if n == 3 else "phi(0.5)": xy(theta)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
     return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, args.eval_batch, log), "coords": coords,
             "curve_xy": curve_xy, "line_xy": line_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
@@ -907,52 +882,41 @@ def ensemble_stage(args, curve_log_probs, fast, y):
                "curve": curve_log_probs, **{name: stage["log_probs"] for name, stage in fast.items()}}
     epochs = {"w1": 0, "w2": args.epochs, "w1+w2": args.epochs, "curve": args.epochs + args.curve_epochs,
               **{name: stage["epochs"] for name, stage in fast.items()}}
-    scores = ensembles(members, y)
-    for name in scores:
-        scores[name]["epochs"] = epochs[name]
-    return scores
+    return {name: {**scores, "epochs": epochs[name]} for name, scores in ensembles(members, y).items()}
 
 
-def efficiency(model, w1, data, timings, endpoint_history, batch_size):
-    """Speed ratios measured in this process: training stages against endpoint training, evaluation stages
-    against plain inference of one fixed model on the test images (median of 3 passes), both in images/s."""
+def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data, endpoint_history):
+    """results.json: accuracies and errors as fractions in [0, 1], losses in nats, speed ratios in images/s."""
     rates = []
-    for _ in range(3):
+    for _ in range(3):  # plain inference of one fixed model on the test images, median of 3 passes
         t0 = time.perf_counter()
-        evaluate(model, w1, data.test_x, data.test_y, batch_size)
+        evaluate(model, w1, data.test_x, data.test_y, args.eval_batch)
         rates.append(len(data.test_x) / (time.perf_counter() - t0))
-    result = {"plain_inference_images_per_s": sorted(rates)[1],
-              "data_fraction_of_training": max(h["data_fraction"] for h in endpoint_history)}
-    for name, timing in timings.items():
+    speed = {"plain_inference_images_per_s": sorted(rates)[1],
+             "data_fraction_of_training": max(h["data_fraction"] for h in endpoint_history)}
+    for name, timing in timings.items():  # training stages against endpoint training, evaluation against inference
         if name in ("curve", "fge", "simplex"):
-            result[f"{name}_vs_endpoint_training"] = timing["images_per_s"] / timings["endpoints"]["images_per_s"]
+            speed[f"{name}_vs_endpoint_training"] = timing["images_per_s"] / timings["endpoints"]["images_per_s"]
         if name in ("sweep", "layerwise", "landscape"):
-            result[f"{name}_vs_plain_inference"] = timing["images_per_s"] / result["plain_inference_images_per_s"]
-    return result
-
-
-def collect_results(args, device, ts, metrics, ens, pairs, layers, land, timings):
-    """results.json: accuracies and errors as fractions in [0, 1], losses in nats."""
-    barriers = {path: {"train_loss": barrier(m["train_loss"], ts), "test_error": barrier([1 - a for a in m["test_acc"]], ts)}
-                for path, m in metrics.items()}
+            speed[f"{name}_vs_plain_inference"] = timing["images_per_s"] / speed["plain_inference_images_per_s"]
+    barriers = {path: {"train_loss": barrier(m["train_loss"], ts),
+                       "test_error": barrier([1 - a for a in m["test_acc"]], ts)} for path, m in metrics.items()}
+    landscape = {"plane": args.plane, "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
+                 **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "line_xy", "marks")}}
     return {"config": vars(args),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
                          "threads": torch.get_num_threads()},
             "endpoints": [{"seed": args.seed + i, **{k: v[end] for k, v in metrics["curve"].items()}}
                           for i, end in enumerate((0, -1))],
             "sweep": {"t": ts, **metrics}, "barrier": barriers, "ensemble": {**ens, "pair_along_t": pairs},
-            "layerwise": layers, "landscape": {"plane": args.plane, "range": [land["coords"][0], land["coords"][-1]],
-                                               "grid": args.grid, **{k: land[k] for k in LANDSCAPE_KEYS}},
-            "timings": timings}
+            "layerwise": layers, "landscape": landscape, "timings": timings, "efficiency": speed}
 
 
-LANDSCAPE_KEYS = ("test_loss", "coords", "curve_xy", "line_xy", "marks")
 LABELS = {"cifar10": "CIFAR-10", "mnist": "MNIST", "fashionmnist": "Fashion-MNIST", "synthetic": "synthetic data"}
 
 
 def run(args, log=print):
-    """The recipe, one call per stage: data, endpoints, curve, the sweep along curve, line and aligned line,
-    fast ensembles, layer-wise barriers, landscape, figures. Writes everything to args.out; returns results."""
+    """The recipe, one call per stage from the data to the figures; writes everything to args.out, returns results."""
     out, device = Path(args.out), torch.device(args.device)
     metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
     stages = Stages(out, metas, args.resume, device, log)
@@ -975,10 +939,9 @@ def run(args, log=print):
     ts = [i / (args.points - 1) for i in range(args.points)]
     sw = stages.run("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
     fast = {}
-    if args.fge_cycles > 0:
-        fast["fge"] = stages.run("fge", lambda: fge_stage(args, model, w1, data, pad, log))
-    if args.simplex_vertices > 0:
-        fast["simplex"] = stages.run("simplex", lambda: simplex_stage(args, model, w1, data, pad, log))
+    for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)):
+        if size > 0:  # 0 cycles or vertices: skip it
+            fast[kind] = stages.run(kind, lambda: fast_ensemble_stage(args, kind, model, w1, data, pad, log))
     ens = ensemble_stage(args, sw["log_probs"]["curve"], fast, data.test_y)
     pairs = {path: pair_along_t(lp, data.test_y) for path, lp in sw["log_probs"].items()}
     targets = {"line": w2, "aligned": aligned}
@@ -993,8 +956,8 @@ def run(args, log=print):
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
     stages.timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
 
-    results = collect_results(args, device, ts, sw["metrics"], ens, pairs, layers, land, stages.timings)
-    results["efficiency"] = efficiency(model, w1, data, stages.timings, ends["history"], args.eval_batch)
+    results = collect_results(args, ts, sw["metrics"], ens, pairs, layers, land, stages.timings, model, w1, data,
+                              ends["history"])
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     barriers = ", ".join(f"{path} {b['test_error']:.4f}" for path, b in results["barrier"].items())
     log(f"done: test-error barriers {barriers}; ensemble accuracy "

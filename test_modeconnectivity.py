@@ -20,8 +20,8 @@ import modeconnectivity as mc
 HERE = Path(__file__).resolve().parent
 TINY = ["--dataset", "synthetic", "--train-subset", "512", "--test-subset", "128", "--width", "4", "--epochs", "2",
         "--curve-epochs", "2", "--batch-size", "64", "--points", "3", "--grid", "3", "--eval-train", "128",
-        "--eval-test", "64", "--device", "cpu", "--fge-cycles", "2", "--fge-cycle-epochs", "1", "--simplex-vertices", "1",
-        "--simplex-epochs", "1", "--simplex-samples", "2", "--layer-points", "3"]
+        "--eval-test", "64", "--device", "cpu", "--fge-cycles", "2", "--fge-cycle-epochs", "1",
+        "--simplex-vertices", "1", "--simplex-epochs", "1", "--simplex-samples", "2", "--layer-points", "3"]
 
 
 def tiny_data(size=16):
@@ -428,7 +428,7 @@ def test_main_writes_every_output(tiny_run):
     for i, end in ((0, 0), (1, -1)):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
             assert saved["endpoints"][i][key] == saved["sweep"]["curve"][key][end] == saved["sweep"]["line"][key][end]
-    for png in ("landscape.png", "sweep.png", "ensembles.png", "layerwise.png"):
+    for png in ("landscape.png", "sweep.png", "ensembles.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp*"))
     for stage in mc.STAGE_OPTIONS:
@@ -449,7 +449,8 @@ def test_same_seed_same_metrics_and_resume_reuses_what_matches(tiny_run, tmp_pat
     capsys.readouterr()
     finer = mc.main(TINY + ["--out", str(tmp_path), "--resume", "--points", "5", "--plane", "orthonormal"])
     log = capsys.readouterr().out
-    assert "reusing" in log and checkpoint(tmp_path, "endpoints").name in log and checkpoint(tmp_path, "curve").name in log
+    for stage in ("endpoints", "curve"):
+        assert f"reusing {checkpoint(tmp_path, stage)}" in log
     assert len(finer["sweep"]["t"]) == 5 and finer["endpoints"] == first["endpoints"]
     assert len(list(tmp_path.glob("sweep-*.pt"))) == 2 and len(list(tmp_path.glob("landscape-*.pt"))) == 2
 
@@ -589,6 +590,7 @@ def test_tutorial_code_blocks_run(tmp_path, monkeypatch):
 
 
 NOT_FUNCTIONS = {"DataLoader", "Figure", "logsumexp", "forward", "pad", "python", "w1", "w2", "weight_decay", "width",
+                 "conv1", "conv2", "conv3", "fc1", "draw", "lr_at",
                  "test_tutorial_code_blocks_run", *mc.DATASETS}
 
 
