@@ -209,11 +209,12 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
                 group["lr"] = lr
             logits, penalty = forward(xb)
             loss = F.cross_entropy(logits, yb)
-            if not math.isfinite(loss.item()):  # stop before a NaN reaches the weights or a checkpoint
-                raise ValueError(f"{name}: loss {loss.item()} at epoch {epoch + 1}, step {i + 1}: training diverged "
-                                 f"at learning rate {lr:.3g}; try a smaller --lr (or --curve-lr, --fge-lr)")
+            objective = loss + penalty
+            if not math.isfinite(objective.item()):  # stop before a NaN reaches the weights or a checkpoint
+                raise ValueError(f"{name}: objective {objective.item()} at epoch {epoch + 1}, step {i + 1}: training "
+                                 f"diverged at learning rate {lr:.3g}; try a smaller --lr (or --curve-lr, --fge-lr)")
             opt.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
+            objective.backward()
             opt.step()
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
@@ -645,6 +646,11 @@ def plot_ensembles(ts, ens, pairs, title, path):
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 12. Command line                                                                             │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
+def images_seen(history):
+    """Images through the network in training epochs (from their rates and durations)."""
+    return sum(h["images_per_s"] * h["seconds"] for h in history)
+
+
 class Stages:
     """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt; resume reuses those that match."""
 
@@ -680,6 +686,9 @@ class Stages:
             result["seconds"] = time.perf_counter() - t0
             write_atomic(self.paths[name], lambda tmp: torch.save({"meta": self.metas[name], "result": result}, tmp))
         self.timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
+        if "history" in result:  # a training stage: its rate in the training epochs alone
+            training_seconds = sum(h["seconds"] for h in result["history"])
+            self.timings[name]["training_images_per_s"] = images_seen(result["history"]) / training_seconds
         return result
 
 
@@ -709,7 +718,8 @@ CURVE_OPTIONS = DATA_OPTIONS + ["curve", "bends", "curve_epochs", "curve_lr"]
 STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
                  "sweep": CURVE_OPTIONS + ["points", "eval_train"],
                  "fge": DATA_OPTIONS + ["fge_cycles", "fge_cycle_epochs", "fge_lr", "fge_lr_low"],
-                 "simplex": DATA_OPTIONS + ["simplex_vertices", "simplex_epochs", "simplex_lambda", "simplex_samples"],
+                 "simplex": DATA_OPTIONS + ["curve_lr", "simplex_vertices", "simplex_epochs", "simplex_lambda",
+                                           "simplex_samples"],
                  "layerwise": DATA_OPTIONS + ["layer_points", "eval_test"],
                  "landscape": CURVE_OPTIONS + ["grid", "plane", "eval_test"]}
 
@@ -717,7 +727,8 @@ STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, except for flags and options whose help says it."""
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        hidden = action.default is None or action.default is False
+        return action.help if hidden else super()._get_help_string(action)
 
 
 def build_parser():
@@ -804,11 +815,6 @@ def new_model(data, width, seed, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def images_seen(history):
-    """Images through the network in training epochs (from their rates and durations)."""
-    return sum(h["images_per_s"] * h["seconds"] for h in history)
-
-
 def endpoints_stage(args, data, pad, log):
     """Both endpoints: one training function, seeds args.seed and args.seed + 1."""
     states, history = [], []
@@ -834,6 +840,7 @@ def sweep_stage(args, model, paths, ts, data, log):
 
 def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
     """FGE snapshots ("fge") or samples of a simplex grown from w1: members, test log-probabilities, cost."""
+    torch.manual_seed(args.seed + (3 if kind == "fge" else 4))  # dropout masks depend on the seed alone
     if kind == "fge":
         members, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles,
                                          args.fge_cycle_epochs, args.fge_lr, args.fge_lr_low, args.batch_size,
@@ -882,7 +889,10 @@ def ensemble_stage(args, curve_log_probs, fast, y):
                "curve": curve_log_probs, **{name: stage["log_probs"] for name, stage in fast.items()}}
     epochs = {"w1": 0, "w2": args.epochs, "w1+w2": args.epochs, "curve": args.epochs + args.curve_epochs,
               **{name: stage["epochs"] for name, stage in fast.items()}}
-    return {name: {**scores, "epochs": epochs[name]} for name, scores in ensembles(members, y).items()}
+    scores = {name: {**scores, "epochs": epochs[name]} for name, scores in ensembles(members, y).items()}
+    if "simplex" in fast:
+        scores["simplex"]["volume"] = fast["simplex"]["volume"]
+    return scores
 
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data, endpoint_history):
@@ -896,7 +906,8 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
              "data_fraction_of_training": max(h["data_fraction"] for h in endpoint_history)}
     for name, timing in timings.items():  # training stages against endpoint training, evaluation against inference
         if name in ("curve", "fge", "simplex"):
-            speed[f"{name}_vs_endpoint_training"] = timing["images_per_s"] / timings["endpoints"]["images_per_s"]
+            rate, plain = timing["training_images_per_s"], timings["endpoints"]["training_images_per_s"]
+            speed[f"{name}_vs_endpoint_training"] = rate / plain
         if name in ("sweep", "layerwise", "landscape"):
             speed[f"{name}_vs_plain_inference"] = timing["images_per_s"] / speed["plain_inference_images_per_s"]
     barriers = {path: {"train_loss": barrier(m["train_loss"], ts),

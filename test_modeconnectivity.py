@@ -186,6 +186,7 @@ def test_folder_dataset_errors(tmp_path):
 # ── 5. Curve training ─────────────────────────────────────────────────────────────────────────────
 def test_train_curve_moves_only_the_middle_and_lowers_the_midpoint_loss(trained):
     data, model, (w1, w2) = trained
+    torch.manual_seed(0)  # dropout masks: the same whichever tests ran before
     line_mid = mc.curve_point([w1, w2], [0.5, 0.5])
     before, _, _ = mc.evaluate(model, line_mid, data.train_x, data.train_y)
     points, history = mc.train_curve(model, w1, w2, data.train_x, data.train_y, mc.bezier_coeffs, 1, epochs=10,
@@ -323,6 +324,7 @@ def test_simplex_volume_by_hand():
 
 def test_train_simplex_keeps_fixed_vertices_and_lowers_the_loss(trained):
     data, model, (w1, w2) = trained
+    torch.manual_seed(0)  # dropout masks: the same whichever tests ran before
     x, y = data.train_x, data.train_y
     before = [{k: v.clone() for k, v in w.items()} for w in (w1, w2)]
     mean_loss = lambda vertices: sum(mc.evaluate(model, mc.curve_point(vertices, mc.simplex_coeffs(3, gen)), x, y)[0]
@@ -372,7 +374,9 @@ def test_aligned_line_barrier_is_at_most_the_line_barrier(trained):
     lines = []
     metrics, _ = mc.sweep(model, paths, ts, data, 256, log=lines.append)
     errors = {p: mc.barrier([1 - a for a in m["test_acc"]], ts) for p, m in metrics.items()}
-    assert errors["aligned"] <= errors["line"] and metrics["aligned"]["test_acc"][-1] == metrics["line"]["test_acc"][-1]
+    assert errors["aligned"] <= errors["line"]  # on this tiny data; alignment removes part of the ridge
+    # pi(w2) computes the same function as w2 (up to the last bits of the logits)
+    assert abs(metrics["aligned"]["test_acc"][-1] - metrics["line"]["test_acc"][-1]) <= 1 / len(data.test_y)
     assert len(lines) == 18 and "18/18 done, 0 left" in lines[-1] and "s left" in lines[0]  # progress per point
     layers = mc.layerwise_barriers(model, w1, {"line": w2}, [0, 0.5, 1], data.train_x[:64], data.train_y[:64],
                                    data.test_x[:64], data.test_y[:64], log=lambda s: None)
@@ -443,7 +447,8 @@ def test_same_seed_same_metrics_and_resume_reuses_what_matches(tiny_run, tmp_pat
     resumed = mc.main(TINY + ["--out", str(tmp_path), "--resume"])
     assert metrics_only(resumed) == metrics_only(first)
     assert capsys.readouterr().out.count("resume: reusing") == len(mc.STAGE_OPTIONS)
-    checkpoint(tmp_path, "sweep").unlink()  # resume from the curve stage: the sweep is computed again
+    for stage in ("sweep", "fge", "simplex"):  # computed again after a reused curve: the same numbers
+        checkpoint(tmp_path, stage).unlink()
     assert metrics_only(mc.main(TINY + ["--out", str(tmp_path), "--resume"])) == metrics_only(first)
     # a finer sweep and another plane: endpoints and curve reused, sweep and landscape new, old files kept
     capsys.readouterr()
@@ -558,9 +563,11 @@ def test_ctrl_c_keeps_checkpoints_and_resume_finishes(tmp_path):
         if line.startswith("curve epoch 1/"):
             break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    rest, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
-    assert not (out / "results.json").exists() and not list(out.glob("curve-*.pt"))
+    assert not (out / "results.json").exists()
+    if "curve epoch 10/10" not in rest:  # the curve was still training when the signal came: nothing saved
+        assert not list(out.glob("curve-*.pt"))
     assert not list(out.glob("*.tmp*"))
     torch.load(checkpoint(out, "endpoints"), weights_only=True)  # intact
     resumed = mc.main(args[:-2] + ["--out", str(out), "--resume"])
