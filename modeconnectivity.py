@@ -376,7 +376,8 @@ def ensemble_metrics(log_probs, y, bins=15):
     count = torch.zeros(bins, device=y.device).index_add_(0, b, torch.ones_like(conf))
     right = torch.zeros(bins, device=y.device).index_add_(0, b, correct)
     sure = torch.zeros(bins, device=y.device).index_add_(0, b, conf)
-    ece = ((right - sure).abs().sum() / len(y)).item()
+    gap = torch.zeros(bins, device=y.device).index_add_(0, b, correct - conf)  # per bin: right - sure
+    ece = (gap.abs().sum() / len(y)).item()
     filled = [k for k in range(bins) if count[k] > 0]
     reliability = {"confidence": [(sure[k] / count[k]).item() for k in filled],
                    "accuracy": [(right[k] / count[k]).item() for k in filled],
