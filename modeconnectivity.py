@@ -657,12 +657,11 @@ class Stages:
     """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt; resume reuses those that match."""
 
     def __init__(self, out, metas, resume, device, log=print):
-        self.metas, self.resume, self.device, self.log, self.timings = metas, resume, device, log, {}
+        self.metas, self.device, self.log, self.timings = metas, device, log, {}
         digest = lambda meta: hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
         self.paths = {name: Path(out) / f"{name}-{digest(meta)}.pt" for name, meta in metas.items()}
-        for name, path in self.paths.items():  # refuse a damaged checkpoint now, not after hours of training
-            if resume and path.exists():
-                self.load(name)
+        # loaded now, so that a damaged checkpoint is refused before hours of training, and loaded once
+        self.saved = {name: self.load(name) for name, path in self.paths.items() if resume and path.exists()}
 
     def load(self, name):
         """The saved result; ValueError naming the file if it is unreadable or of another configuration."""
@@ -679,9 +678,9 @@ class Stages:
 
     def run(self, name, compute):
         """compute() -> dict with "images" (how many went through the network); reused when resuming."""
-        if self.resume and self.paths[name].exists():
+        if name in self.saved:
             self.log(f"resume: reusing {self.paths[name]}")
-            result = self.load(name)
+            result = self.saved[name]
         else:
             t0 = time.perf_counter()
             result = compute()
