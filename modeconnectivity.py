@@ -1,10 +1,9 @@
 """Mode connectivity in neural-network loss landscapes, in one readable file.
 
-Garipov et al. (2018): two networks trained from different seeds, w1 and w2, are joined by a curve
-phi(t) of low loss, while the straight line between them crosses a ridge. This file trains both and a
-Bezier curve (or polygonal chain) between them, walks along the curve, the line and the line after
-aligning neurons, builds fast ensembles (FGE, simplexes) and draws the loss in the plane of w1, w2 and
-the bend theta. Its section banners match tutorial.md.
+Garipov et al. (2018): two networks w1, w2 trained from different seeds are joined by a curve phi(t) of
+low loss, while the straight line between them crosses a ridge. This file trains both, a Bezier curve or
+polygonal chain between them, walks along the curve, the line and the line after aligning neurons, builds
+fast ensembles (FGE, simplexes) and draws the loss in the plane of w1, w2, theta, as tutorial.md explains.
 
     python modeconnectivity.py --dataset synthetic --quick     # offline first look, about 47 s here
     python modeconnectivity.py --dataset cifar10               # downloads CIFAR-10 into --data-dir
@@ -22,6 +21,7 @@ import platform
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 from typing import NamedTuple
 
@@ -141,8 +141,6 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
             tx, ty, vx, vy, classes = read_folder(data_dir) if name == "folder" else read_torchvision(name, data_dir)
             write_atomic(cache, lambda tmp: torch.save((tx, ty, vx, vy, classes), tmp))
     tx, ty, vx, vy = tx[:train_size], ty[:train_size], vx[:test_size], vy[:test_size]
-    if len(tx) == 0 or len(vx) == 0:
-        raise ValueError(f"--dataset {name}: empty data set ({len(tx)} training, {len(vx)} test images)")
     mean = tx.float().mean((0, 2, 3), keepdim=True).to(device)  # per-channel statistics of the training images
     std = tx.float().std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device)
     # channels_last (N, H, W, C in memory): the layout the CPU convolutions ran fastest with (README)
@@ -158,8 +156,6 @@ class ConvNet(nn.Module):
 
     def __init__(self, in_channels=3, num_classes=10, image_size=32, width=32, dropout=0.2):
         super().__init__()
-        if image_size < 8:
-            raise ValueError(f"image size {image_size}: ConvNet pools three times and needs at least 8 pixels")
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
@@ -189,31 +185,26 @@ def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
 
 
 def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name):
-    """SGD (Nesterov momentum 0.9) on CE(logits, y) + penalty, where forward(x_batch) -> (logits, penalty) and
-    lr_at(step, total_steps) -> learning rate. Returns one dict per epoch (loss, acc, images/s, ...)."""
+    """SGD (Nesterov, momentum 0.9) on CE(forward(xb)[0], yb) + forward(xb)[1], learning rate lr_at(step, steps)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     opt = torch.optim.SGD(params, lr=lr_at(0, 1), momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = max(1, len(x) // batch_size)  # the last partial batch is dropped, as in most recipes
     history, start = [], time.perf_counter()
     for epoch in range(epochs):
-        t0, data_s, loss_sum, correct = time.perf_counter(), 0.0, 0.0, 0
+        t0, loss_sum, correct = time.perf_counter(), 0.0, 0
         perm = torch.randperm(len(x), generator=gen, device=x.device)
         for i in range(steps):
-            d0 = time.perf_counter()
             idx = perm[i * batch_size:(i + 1) * batch_size]
             xb, yb = x[idx], y[idx]
             if augment_pad:
                 xb = augment(xb, augment_pad, gen)
-            data_s += time.perf_counter() - d0
-            lr = lr_at(epoch * steps + i, epochs * steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            opt.param_groups[0]["lr"] = lr_at(epoch * steps + i, epochs * steps)
             logits, penalty = forward(xb)
             loss = F.cross_entropy(logits, yb)
             objective = loss + penalty
             if not math.isfinite(objective.item()):  # stop before a NaN reaches the weights or a checkpoint
-                raise ValueError(f"{name}: objective {objective.item()} at epoch {epoch + 1}, step {i + 1}: training "
-                                 f"diverged at learning rate {lr:.3g}; try a smaller --lr (or --curve-lr, --fge-lr)")
+                raise ValueError(f"{name}: objective {objective.item()} at epoch {epoch + 1}, step {i + 1}, lr "
+                                 f"{opt.param_groups[0]['lr']:.3g}: diverged; try a lower --lr (--curve-lr, --fge-lr)")
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()
@@ -221,7 +212,7 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
             correct += (logits.argmax(1) == yb).sum().item()
         seconds, seen = time.perf_counter() - t0, steps * min(batch_size, len(x))
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "seconds": seconds,
-                        "images_per_s": seen / seconds, "data_fraction": data_s / seconds})
+                        "images": seen, "images_per_s": seen / seconds})
         left = (time.perf_counter() - start) / (epoch + 1) * (epochs - epoch - 1)
         log(f"{name} epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.4f}, acc {correct / seen:.4f}, "
             f"{seen / seconds:.0f} images/s, {left:.0f} s left")
@@ -239,36 +230,28 @@ def train_endpoint(model, x, y, epochs, batch_size, lr, weight_decay, augment_pa
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 4. Curves                                                                                    │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def check_curve_args(t, n):
-    """ValueError unless 0 <= t <= 1 and n >= 2."""
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"t = {t}: must lie in [0, 1]")
-    if n < 2:
-        raise ValueError(f"n = {n} control points: a curve needs at least 2")
-
-
 def bezier_coeffs(t, n):
     """Bezier weights of n control points: c_k(t) = C(n-1, k) t^k (1-t)^(n-1-k)."""
-    check_curve_args(t, n)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t = {t}: must lie in [0, 1]")
     return [math.comb(n - 1, k) * t ** k * (1 - t) ** (n - 1 - k) for k in range(n)]
 
 
 def polychain_coeffs(t, n):
     """Polygonal-chain weights of n control points: c_k(t) = max(0, 1 - |t (n-1) - k|)."""
-    check_curve_args(t, n)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t = {t}: must lie in [0, 1]")
     return [max(0.0, 1.0 - abs(t * (n - 1) - k)) for k in range(n)]
 
 
 def curve_point(points, coeffs):
     """phi = sum_k c_k P_k, tensor by tensor, for control points P_k given as dicts name -> tensor."""
     if len(points) < 2 or len(points) != len(coeffs):
-        raise ValueError(f"{len(points)} control points and {len(coeffs)} coefficients: "
-                         f"need at least 2, as many of each")
+        raise ValueError(f"{len(points)} control points, {len(coeffs)} coefficients: need as many, at least 2")
     for p in points[1:]:
         if p.keys() != points[0].keys() or any(p[k].shape != v.shape for k, v in points[0].items()):
             raise ValueError("control points differ in their tensor names or shapes; they must describe one network")
-    # empty_like(...).copy_ keeps the first point's memory layout: a sum of 1-channel conv weights would
-    # otherwise fall back to another stride order, which made convolutions here up to 1.5x slower.
+    # empty_like(p0).copy_ keeps p0's memory layout (channels_last): convolutions ran up to 1.5x faster so
     return {name: torch.empty_like(p0).copy_(sum(c * p[name] for c, p in zip(coeffs, points) if c != 0))
             for name, p0 in points[0].items()}
 
@@ -281,8 +264,7 @@ COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log, name,
                  regulariser=None):
-    """The loop curves and simplexes share: each batch draws coefficients c = draw(gen) and steps the
-    trainable points (nn.Parameter) on L(phi) + wd/2 ||phi||^2 (+ regulariser(points)), phi = sum_j c_j P_j."""
+    """Shared loop: per batch c = draw(gen), step L(phi) + wd/2 ||phi||^2 (+ regulariser), phi = sum_j c_j P_j."""
     gen = torch.Generator().manual_seed(seed + 12345)
 
     def forward(xb):
@@ -337,13 +319,11 @@ def barrier(values, ts):
 def progress(log, name, done, total, start):
     """One line for a long loop, readable in a log file: what is done, what is left and the time left."""
     spent = time.perf_counter() - start
-    log(f"{name}: {done}/{total} done, {total - done} left, {spent:.0f} s spent, about "
-        f"{spent / done * (total - done):.0f} s left")
+    log(f"{name}: {done}/{total} done, {total - done} left, about {spent / done * (total - done):.0f} s left")
 
 
 def sweep(model, paths, ts, data, eval_train, batch_size=256, log=print):
-    """Loss and accuracy at each t along each path; paths[name] = (control points, coefficient function).
-    Returns (metrics, test_log_probs): metrics[path][key] lists, test_log_probs[path] is (T, N, C)."""
+    """Per path (points, coeffs) and t: train/test loss and accuracy (metrics), test log-probs (T, N, C) per path."""
     n_train = min(eval_train, len(data.train_x))
     splits = {"train": (data.train_x[:n_train], data.train_y[:n_train]), "test": (data.test_x, data.test_y)}
     metrics, test_log_probs, start = {}, {}, time.perf_counter()
@@ -366,28 +346,18 @@ def sweep(model, paths, ts, data, eval_train, batch_size=256, log=print):
 # │ 7. Ensembling                                                                                │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 def ensemble_metrics(log_probs, y, bins=15):
-    """Accuracy, NLL = -mean log(1/K sum_k p_k(y)) and ECE of the mean of K members' probabilities, with the
-    reliability diagram's bins. log_probs: (K, N, C). ECE = sum over bins of (share) x |accuracy - confidence|."""
+    """Accuracy, NLL = -mean log(1/K sum_k p_k(y)), ECE and reliability bins of K members' mean; log_probs (K, N, C)."""
     mean_log_p = torch.logsumexp(log_probs, 0) - math.log(log_probs.shape[0])  # (N, C)
     nll = -mean_log_p.gather(1, y[:, None]).mean().item()
     conf, pred = mean_log_p.exp().max(1)
     correct = (pred == y).float()
     b = (conf * bins).ceil().long().clamp(1, bins) - 1  # bins (0, 1/15], (1/15, 2/15], ...
-    count = torch.zeros(bins, device=y.device).index_add_(0, b, torch.ones_like(conf))
-    right = torch.zeros(bins, device=y.device).index_add_(0, b, correct)
-    sure = torch.zeros(bins, device=y.device).index_add_(0, b, conf)
-    gap = torch.zeros(bins, device=y.device).index_add_(0, b, correct - conf)  # per bin: right - sure
-    ece = (gap.abs().sum() / len(y)).item()
-    filled = [k for k in range(bins) if count[k] > 0]
-    reliability = {"confidence": [(sure[k] / count[k]).item() for k in filled],
-                   "accuracy": [(right[k] / count[k]).item() for k in filled],
-                   "count": [int(count[k]) for k in filled]}
+    per_item = torch.stack([torch.ones_like(conf), correct, conf, correct - conf], 1)  # (N, 4)
+    count, right, sure, gap = torch.zeros(bins, 4, device=y.device).index_add_(0, b, per_item).T  # sums per bin
+    ece = (gap.abs().sum() / len(y)).item()  # sum over bins of (share of items) x |accuracy - confidence|
+    filled = count > 0
+    reliability = {"confidence": (sure / count)[filled].tolist(), "accuracy": (right / count)[filled].tolist()}
     return {"acc": correct.mean().item(), "nll": nll, "ece": ece, "reliability": reliability}
-
-
-def ensembles(members, y, bins=15):
-    """Scores of each named ensemble; members[name] holds its K members' test log-probabilities (K, N, C)."""
-    return {name: {**ensemble_metrics(lp, y, bins), "size": len(lp)} for name, lp in members.items()}
 
 
 def pair_along_t(log_probs, y):
@@ -425,29 +395,24 @@ def simplex_coeffs(k, gen=None):
 
 
 def simplex_volume(vertices):
-    """Volume of the simplex with vertices V_0..V_k (weight dicts), by the Cayley-Menger determinant:
-    vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1^T], [1, D]], D_ij = ||V_i - V_j||^2. Differentiable."""
+    """Cayley-Menger: vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1^T], [1, D]], D_ij = ||V_i - V_j||^2."""
     k = len(vertices) - 1
     rows = [torch.stack([sum((a[n] - b[n]).double().square().sum() for n in a) for b in vertices]) for a in vertices]
     d = torch.stack(rows)  # (k+1, k+1) squared distances
-    ones = d.new_ones(k + 1, 1)
-    cm = torch.cat([torch.cat([d.new_zeros(1, 1), ones.T], 1), torch.cat([ones, d], 1)])  # (k+2, k+2)
+    cm = F.pad(d, (1, 0, 1, 0), value=1.0).fill_diagonal_(0)  # (k+2, k+2) [[0, 1^T], [1, D]]; D_ii = 0 already
     volume_sq = (-1) ** (k + 1) * torch.linalg.det(cm) / (2 ** k * math.factorial(k) ** 2)
     return volume_sq.clamp_min(0).sqrt()
 
 
 def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4,
                   lam=1e-3, augment_pad=4, seed=0, log=print):
-    """Grow a simplex from fixed vertices, one new vertex (from the centroid) at a time; returns (vertices, history):
-    minimise E_{c~Dirichlet(1)} [ L(sum_j c_j V_j) + wd/2 ||.||^2 ] - lam log vol(V_0..V_k) over the new vertex."""
+    """Add vertices one by one: min E_{c~Dir(1)} [L(sum_j c_j V_j) + wd/2 ||.||^2] - lam log vol(V_0..V_k)."""
     vertices, history = [detached(v) for v in vertices], []
     gen = torch.Generator().manual_seed(seed)
     for j in range(new_vertices):
-        new = {}
-        for name in vertices[0]:
-            centre = sum(v[name] for v in vertices) / len(vertices)
-            noise = torch.randn(centre.shape, generator=gen).to(centre)
-            new[name] = nn.Parameter(torch.empty_like(vertices[0][name]).copy_(centre + 0.01 * centre.std() * noise))
+        centre = {name: sum(v[name] for v in vertices) / len(vertices) for name in vertices[0]}
+        noise = {name: 0.01 * c.std() * torch.randn(c.shape, generator=gen).to(c) for name, c in centre.items()}
+        new = {name: nn.Parameter(p) for name, p in curve_point([centre, noise], [1, 1]).items()}  # near the centre
         points = [*vertices, new]
         draw_c = lambda g: simplex_coeffs(len(points), g)  # one uniform point of the simplex per batch
         spread = lambda pts: -lam * simplex_volume(pts).log()
@@ -497,22 +462,19 @@ def match_weights(w1, w2, max_rounds=100):
     return permute_units(w2, perms)
 
 
-def layerwise_barriers(model, w1, targets, ts, x_train, y_train, x_test, y_test, batch_size=256, log=print):
+def layerwise_barriers(model, w1, targets, ts, data, eval_train, batch_size=256, log=print):
     """Barriers when one layer alone moves, (1-t) w1 + t targets[path]; [path][layer] also has the error at t = 1."""
-    out, start, layers = {}, time.perf_counter(), [*NEXT_LAYER, "fc2"]
+    paths = {}
     for path, target in targets.items():
-        out[path] = {}
-        for layer in layers:
-            names = [f"{layer}.weight", f"{layer}.bias"]
-            errors, losses = [], []
-            for t in ts:
-                params = {**w1, **curve_point([{n: w1[n] for n in names}, {n: target[n] for n in names}], [1 - t, t])}
-                errors.append(1 - evaluate(model, params, x_test, y_test, batch_size)[1])
-                losses.append(evaluate(model, params, x_train, y_train, batch_size)[0])
-            out[path][layer] = {"test_error": barrier(errors, ts), "train_loss": barrier(losses, ts),
-                                "swapped_test_error": errors[-1]}
-            done = sum(len(barriers) for barriers in out.values())
-            progress(log, f"layer-wise ({path}, {layer})", done, len(targets) * len(layers), start)
+        for layer in [*NEXT_LAYER, "fc2"]:
+            moved = {f"{layer}.{kind}": target[f"{layer}.{kind}"] for kind in ("weight", "bias")}
+            paths[f"{path} {layer}"] = ([w1, {**w1, **moved}], bezier_coeffs)  # a line on which one layer moves
+    out = {path: {} for path in targets}
+    for name, m in sweep(model, paths, ts, data, eval_train, batch_size, log)[0].items():
+        path, layer = name.split()
+        errors = [1 - a for a in m["test_acc"]]
+        out[path][layer] = {"test_error": barrier(errors, ts), "train_loss": barrier(m["train_loss"], ts),
+                            "swapped_test_error": errors[-1]}
     return out
 
 
@@ -525,9 +487,7 @@ def dot(p, q):
 
 
 def plane_axes(w1, w2, theta, plane="squeezed"):
-    """Origin o and directions e1, e2 of the plane through w1, w2, theta; (a, b) means o + a e1 + b e2.
-    squeezed: o = theta, e1 = w1 - theta, e2 = w2 - theta, so w1 -> (1,0), w2 -> (0,1), theta -> (0,0).
-    orthonormal: o = w1, e1 = w2 - w1, e2 = Gram-Schmidt part of theta - w1 scaled to ||w2 - w1||."""
+    """Plane o + a e1 + b e2. squeezed: o = theta, e_i = w_i - theta; orthonormal: o = w1, e1 = w2 - w1, e2 to theta."""
     if plane == "squeezed":
         return theta, curve_point([w1, theta], [1, -1]), curve_point([w2, theta], [1, -1])
     if plane != "orthonormal":
@@ -542,10 +502,8 @@ def plane_axes(w1, w2, theta, plane="squeezed"):
 def plane_coords(w, origin, e1, e2):
     """(a, b) minimising ||w - (origin + a e1 + b e2)||: exact in the plane, a projection off it."""
     d = curve_point([w, origin], [1, -1])
-    g11, g12, g22 = dot(e1, e1), dot(e1, e2), dot(e2, e2)
-    r1, r2 = dot(d, e1), dot(d, e2)
-    det = g11 * g22 - g12 * g12
-    return (g22 * r1 - g12 * r2) / det, (g11 * r2 - g12 * r1) / det
+    gram = torch.tensor([[dot(e1, e1), dot(e1, e2)], [dot(e1, e2), dot(e2, e2)]], dtype=torch.float64)
+    return tuple(torch.linalg.solve(gram, torch.tensor([dot(d, e1), dot(d, e2)], dtype=torch.float64)).tolist())
 
 
 def landscape(model, origin, e1, e2, coords, x, y, batch_size=256, log=print):
@@ -560,13 +518,12 @@ def landscape(model, origin, e1, e2, coords, x, y, batch_size=256, log=print):
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 11. Plots                                                                                    │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-# Each figure is a matplotlib Figure drawn straight to a PNG file (Agg renderer): no pyplot, no window.
 def save_figure(fig, path):
-    """Write a figure as PNG through a temporary file, so an interrupted run leaves no half-written image."""
+    """A matplotlib Figure (no pyplot, no window) to PNG through a temporary file: never a half-written image."""
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
-def plot_landscape(losses, coords, curve_xy, line_xy, marks, plane, title, path):
+def plot_landscape(losses, coords, curve_xy, marks, plane, title, path):
     """Filled contour of the loss grid (log levels), the curve, the line and marks {name: (a, b)}."""
     import numpy as np
     from matplotlib.colors import LogNorm
@@ -574,10 +531,9 @@ def plot_landscape(losses, coords, curve_xy, line_xy, marks, plane, title, path)
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
     fig = Figure(figsize=(6, 5))
     ax = fig.subplots()
-    levels = np.geomspace(z.min(), z.max(), 24)
-    cs = ax.contourf(coords, coords, z, levels=levels, norm=LogNorm(z.min(), z.max()), cmap="viridis_r")
+    cs = ax.contourf(coords, coords, z, levels=np.geomspace(z.min(), z.max(), 24), norm=LogNorm(), cmap="viridis_r")
     fig.colorbar(cs, ax=ax, label="test loss (nats, log scale)", format="%.2g")
-    ax.plot(*zip(*line_xy), "--", color="white", lw=1.5, label="straight line")
+    ax.plot(*zip(marks["w1"], marks["w2"]), "--", color="white", lw=1.5, label="straight line")  # in the plane
     ax.plot(*zip(*curve_xy), "-", color="tab:red", lw=2, label="trained curve")
     for name, xy in marks.items():
         ax.plot(*xy, "o", color="black", ms=6)
@@ -592,11 +548,11 @@ PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned
 
 
 def plot_sweep(ts, metrics, layerwise, title, path):
-    """Test error and train loss along t on each path, then each layer's barrier and swapped-in error (layerwise)."""
+    """Test error and train loss along t on each path, then each layer's test-error barrier (layerwise)."""
     import numpy as np
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(20, 3.8))
-    axes = fig.subplots(1, 4, gridspec_kw={"wspace": 0.3})
+    fig = Figure(figsize=(15, 3.8))
+    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.3})
     for name, m in metrics.items():
         style, color = PATH_STYLES[name]
         axes[0].plot(ts, [100 * (1 - a) for a in m["test_acc"]], style, color=color, label=name)
@@ -604,13 +560,11 @@ def plot_sweep(ts, metrics, layerwise, title, path):
     axes[0].set(xlabel="t", ylabel="test error (%)", title=title)
     axes[1].set(xlabel="t", ylabel="train loss (nats)", yscale="log", title="train loss along t")
     layers = list(layerwise["line"])
-    for ax, key, label in zip(axes[2:], ("test_error", "swapped_test_error"),
-                              ("layer-wise test-error barrier", "test error, one layer from the target")):
-        for i, (name, barriers) in enumerate(layerwise.items()):
-            ax.bar(np.arange(len(layers)) + 0.4 * i, [barriers[layer][key] for layer in layers], 0.4,
-                   color=PATH_STYLES[name][1], label=name)
-        ax.set_xticks(np.arange(len(layers)) + 0.2, layers)
-        ax.set(title=label)
+    for i, (name, barriers) in enumerate(layerwise.items()):
+        axes[2].bar(np.arange(len(layers)) + 0.4 * i, [barriers[layer]["test_error"] for layer in layers], 0.4,
+                    color=PATH_STYLES[name][1], label=name)
+    axes[2].set_xticks(np.arange(len(layers)) + 0.2, layers)
+    axes[2].set(title="layer-wise test-error barrier (one layer moves)")
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
@@ -630,8 +584,7 @@ def plot_ensembles(ts, ens, pairs, title, path):
     best = max((n for n in ens if n not in ("w1", "w2", "w1+w2")), key=lambda n: ens[n]["acc"])
     axes[3].plot([0, 1], [0, 1], ":", color="black", lw=1, label="perfect calibration")
     for name in ("w1", "w1+w2", best):
-        r = ens[name]["reliability"]
-        axes[3].plot(r["confidence"], r["accuracy"], "o-", label=name)
+        axes[3].plot(ens[name]["reliability"]["confidence"], ens[name]["reliability"]["accuracy"], "o-", label=name)
     axes[3].set(xlabel="confidence", ylabel="accuracy", title="reliability (bins of confidence)")
     axes[3].legend(fontsize=8)
     for name, accs in pairs.items():
@@ -648,11 +601,6 @@ def plot_ensembles(ts, ens, pairs, title, path):
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 12. Command line                                                                             │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def images_seen(history):
-    """Images through the network in training epochs (from their rates and durations)."""
-    return sum(h["images_per_s"] * h["seconds"] for h in history)
-
-
 class Stages:
     """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt; resume reuses those that match."""
 
@@ -665,15 +613,13 @@ class Stages:
 
     def load(self, name):
         """The saved result; ValueError naming the file if it is unreadable or of another configuration."""
-        path, meta = self.paths[name], self.metas[name]
         try:
-            saved = torch.load(path, map_location=self.device, weights_only=True)
-            old = saved["meta"]
+            saved = torch.load(self.paths[name], map_location=self.device, weights_only=True)
+            same = saved["meta"] == self.metas[name]
         except Exception as err:
-            raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it") from None
-        if old != meta:
-            diff = ", ".join(f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v)
-            raise ValueError(f"{path}: checkpoint of another configuration ({diff}); delete it")
+            raise ValueError(f"{self.paths[name]}: unreadable checkpoint ({type(err).__name__}); delete it") from None
+        if not same:  # only if copied by hand: the file's name holds the hash of its options
+            raise ValueError(f"{self.paths[name]}: checkpoint of another configuration; delete it")
         return saved["result"]
 
     def run(self, name, compute):
@@ -687,24 +633,19 @@ class Stages:
             result["seconds"] = time.perf_counter() - t0
             write_atomic(self.paths[name], lambda tmp: torch.save({"meta": self.metas[name], "result": result}, tmp))
         self.timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
-        if "history" in result:  # a training stage: its rate in the training epochs alone
-            training_seconds = sum(h["seconds"] for h in result["history"])
-            self.timings[name]["training_images_per_s"] = images_seen(result["history"]) / training_seconds
         return result
 
 
 def number(kind, low, strict=False):
     """argparse type: an int or float >= low (> low if strict); the error names the value and the rule."""
-    rule = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low}"
-
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected {rule}")
-        return value
+        if math.isfinite(value) and (value > low or (value == low and not strict)):
+            return value
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {kind.__name__} {'>' if strict else '>='} {low}")
     return parse
 
 
@@ -725,26 +666,17 @@ STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
                  "landscape": CURVE_OPTIONS + ["grid", "plane", "eval_test"]}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, except for flags and options whose help says it."""
-    def _get_help_string(self, action):
-        hidden = action.default is None or action.default is False
-        return action.help if hidden else super()._get_help_string(action)
-
-
 def build_parser():
     """The command line's options, in groups: data, training, curve, fast ensembles, evaluation, run control."""
-    p = argparse.ArgumentParser(prog="modeconnectivity.py", formatter_class=HelpFormatter,
-                                description="Train two networks, join them by a low-loss curve, and compare the "
-                                "curve with the straight line, the aligned line and fast ensembles.")
+    p = argparse.ArgumentParser(prog="modeconnectivity.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows defaults
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, without the usage block
     pos_int, pos_float, non_neg = number(int, 1), number(float, 0, strict=True), number(float, 0)
     g = p.add_argument_group("data").add_argument
     g("--dataset", default="cifar10", choices=DATASETS, help="data set")
-    g("--data-dir", default="data", help="where data sets are downloaded and cached; for 'folder', the folder "
-      "holding train/<class>/ and test/<class>/")
-    g("--train-subset", type=pos_int, help="use the first N training images (default: all; synthetic: 10000)")
-    g("--test-subset", type=pos_int, help="use the first N test images (default: all; synthetic: 2000)")
+    g("--data-dir", default="data", help="download and cache folder; for 'folder': the one with train/, test/")
+    g("--train-subset", type=pos_int, help="use the first N training images (None: all; synthetic: 10000)")
+    g("--test-subset", type=pos_int, help="use the first N test images (None: all; synthetic: 2000)")
     g("--no-augment", action="store_true", help="no random crop and flip (they are on for 3-channel images)")
     g = p.add_argument_group("model and training of the endpoints").add_argument
     g("--width", type=pos_int, default=32, help="ConvNet channels: width, 2*width, 4*width")
@@ -756,8 +688,8 @@ def build_parser():
     g = p.add_argument_group("curve").add_argument
     g("--curve", default="bezier", choices=sorted(COEFFS), help="curve family")
     g("--bends", type=pos_int, default=1, help="middle control points of the curve")
-    g("--curve-epochs", type=pos_int, default=30, help="epochs of curve training")
-    g("--curve-lr", type=pos_float, help="peak learning rate of curve and simplex training (default: --lr)")
+    g("--curve-epochs", type=pos_int, default=60, help="epochs of curve training")
+    g("--curve-lr", type=pos_float, help="peak learning rate of curve and simplex training (None: --lr)")
     g = p.add_argument_group("fast ensembles (FGE and simplex)").add_argument
     g("--fge-cycles", type=number(int, 0), default=4, help="FGE cycles from w1, one member each (0: skip FGE)")
     g("--fge-cycle-epochs", type=pos_int, default=2, help="epochs per FGE cycle")
@@ -770,18 +702,15 @@ def build_parser():
     g = p.add_argument_group("evaluation and landscape").add_argument
     g("--points", type=number(int, 2), default=21, help="evenly spaced t in [0, 1] for the sweep")
     g("--eval-train", type=pos_int, default=10000, help="training images for the train loss along t")
-    g("--eval-test", type=pos_int, default=2000, help="test (and training) images per landscape point and "
-      "layer-wise point")
-    g("--eval-batch", type=pos_int, default=256, help="evaluation batch size (the fastest measured)")
+    g("--eval-test", type=pos_int, default=2000, help="images per landscape and layer-wise point (test and train)")
     g("--layer-points", type=number(int, 2), default=11, help="evenly spaced t for the layer-wise barriers")
     g("--grid", type=number(int, 2), default=21, help="landscape grid lines per axis")
     g("--plane", default="squeezed", choices=["squeezed", "orthonormal"], help="landscape plane")
     g = p.add_argument_group("run control").add_argument
-    g("--out", help="output folder (default: runs/<dataset>-<curve>)")
-    g("--label", help="data set name in plot titles (default: from --dataset)")
+    g("--out", help="output folder (None: runs/<dataset>-<curve>)")
+    g("--label", help="data set name in plot titles (None: --dataset, or the folder name)")
     g("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
-    g("--quick", action="store_true", help="a first look in under a minute: "
-      + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " (options you give yourself win)")
+    g("--quick", action="store_true", help=f"a first look in under a minute: {QUICK} (your own options win)")
     g("--resume", action="store_true", help="reuse the finished stages in --out whose options match")
     return p
 
@@ -789,11 +718,9 @@ def build_parser():
 def parse_args(argv):
     """Parse and check the options; every problem ends as ValueError naming the option and the value."""
     parser = build_parser()
+    if parser.parse_args(argv).quick:  # quick values replace the defaults, not the options you gave
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():  # quick values replace defaults, not the options you gave
-            if getattr(args, key) == parser.get_default(key):
-                setattr(args, key, value)
     args.curve_lr = args.curve_lr or args.lr
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if args.device == "auto":
@@ -824,17 +751,17 @@ def endpoints_stage(args, data, pad, log):
         history += train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size, args.lr, args.wd,
                                   pad, seed, log)
         states.append(detached(dict(model.named_parameters())))
-    return {"states": states, "history": history, "images": images_seen(history)}
+    return {"states": states, "history": history, "images": sum(h["images"] for h in history)}
 
 
 def curve_stage(args, model, w1, w2, data, pad, log):
     points, history = train_curve(model, w1, w2, data.train_x, data.train_y, COEFFS[args.curve], args.bends,
                                   args.curve_epochs, args.batch_size, args.curve_lr, args.wd, pad, args.seed + 2, log)
-    return {"points": points, "history": history, "images": images_seen(history)}
+    return {"points": points, "history": history, "images": sum(h["images"] for h in history)}
 
 
 def sweep_stage(args, model, paths, ts, data, log):
-    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, args.eval_batch, log)
+    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, log=log)
     images = len(paths) * len(ts) * (min(args.eval_train, len(data.train_x)) + len(data.test_x))
     return {"metrics": metrics, "log_probs": log_probs, "images": images}
 
@@ -846,25 +773,22 @@ def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
         members, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles,
                                          args.fge_cycle_epochs, args.fge_lr, args.fge_lr_low, args.batch_size,
                                          args.wd, pad, args.seed + 3, log)
-        result = {"epochs": args.fge_cycles * args.fge_cycle_epochs}
     else:
         vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, args.simplex_vertices,
                                           args.simplex_epochs, args.batch_size, args.curve_lr, args.wd,
                                           args.simplex_lambda, pad, args.seed + 4, log)
         gen = torch.Generator().manual_seed(args.seed + 5)
         members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(args.simplex_samples)]
-        result = {"epochs": args.simplex_vertices * args.simplex_epochs, "vertices": vertices,
-                  "volume": simplex_volume(vertices).item()}
-    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y, args.eval_batch)[2] for w in members])
-    return {**result, "members": members, "log_probs": log_probs, "history": history,
-            "images": images_seen(history) + len(members) * len(data.test_x)}
+    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y)[2] for w in members])
+    return {"epochs": len(history), "members": members, "log_probs": log_probs,
+            "history": history, "images": sum(h["images"] for h in history) + len(members) * len(data.test_x)}
 
 
 def layerwise_stage(args, model, w1, targets, data, log):
     ts = [i / (args.layer_points - 1) for i in range(args.layer_points)]
-    n = min(args.eval_test, len(data.train_x), len(data.test_x))
-    result = layerwise_barriers(model, w1, targets, ts, data.train_x[:n], data.train_y[:n], data.test_x[:n],
-                                data.test_y[:n], args.eval_batch, log)
+    n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
+    result = layerwise_barriers(model, w1, targets, ts, data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n]),
+                                n, log=log)
     return {"barriers": result, "images": len(targets) * (len(NEXT_LAYER) + 1) * len(ts) * 2 * n}
 
 
@@ -875,56 +799,41 @@ def landscape_stage(args, model, points, data, log):
     origin, e1, e2 = plane_axes(points[0], points[-1], theta, args.plane)
     xy = lambda w: plane_coords(w, origin, e1, e2)  # a weight dict's place in the plane
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
-    fine = [i / 60 for i in range(61)]
-    curve_xy = [xy(curve_point(points, coeffs(t, n))) for t in fine]
-    line_xy = [xy(curve_point([points[0], points[-1]], [1 - t, t])) for t in fine]
+    curve_xy = [xy(curve_point(points, coeffs(i / 60, n))) for i in range(61)]
     marks = {"w1": curve_xy[0], "w2": curve_xy[-1], "theta" if n == 3 else "phi(0.5)": xy(theta)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, args.eval_batch, log), "coords": coords,
-            "curve_xy": curve_xy, "line_xy": line_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
+    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, log=log), "coords": coords,
+            "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
 
 
-def ensemble_stage(args, curve_log_probs, fast, y):
-    """Every ensemble's accuracy, NLL, ECE, size and training cost in epochs beyond the first endpoint."""
-    members = {"w1": curve_log_probs[:1], "w2": curve_log_probs[-1:], "w1+w2": curve_log_probs[[0, -1]],
-               "curve": curve_log_probs, **{name: stage["log_probs"] for name, stage in fast.items()}}
-    epochs = {"w1": 0, "w2": args.epochs, "w1+w2": args.epochs, "curve": args.epochs + args.curve_epochs,
-              **{name: stage["epochs"] for name, stage in fast.items()}}
-    scores = {name: {**scores, "epochs": epochs[name]} for name, scores in ensembles(members, y).items()}
-    if "simplex" in fast:
-        scores["simplex"]["volume"] = fast["simplex"]["volume"]
-    return scores
+def ensemble_stage(args, curve_lp, fast, y):
+    """Every ensemble's accuracy, NLL, ECE, size and training cost in epochs beyond w1; curve_lp (T, N, C) along t."""
+    members = {"w1": (curve_lp[:1], 0), "w2": (curve_lp[-1:], args.epochs), "w1+w2": (curve_lp[[0, -1]], args.epochs),
+               "curve": (curve_lp, args.epochs + args.curve_epochs),
+               **{name: (stage["log_probs"], stage["epochs"]) for name, stage in fast.items()}}  # (log-probs, cost)
+    return {name: {**ensemble_metrics(lp, y), "size": len(lp), "epochs": cost} for name, (lp, cost) in members.items()}
 
 
-def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data, endpoint_history):
+def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
     """results.json: accuracies and errors as fractions in [0, 1], losses in nats, speed ratios in images/s."""
-    rates = []
-    for _ in range(3):  # plain inference of one fixed model on the test images, median of 3 passes
-        t0 = time.perf_counter()
-        evaluate(model, w1, data.test_x, data.test_y, args.eval_batch)
-        rates.append(len(data.test_x) / (time.perf_counter() - t0))
-    speed = {"plain_inference_images_per_s": sorted(rates)[1],
-             "data_fraction_of_training": max(h["data_fraction"] for h in endpoint_history)}
-    for name, timing in timings.items():  # training stages against endpoint training, evaluation against inference
-        if name in ("curve", "fge", "simplex"):
-            rate, plain = timing["training_images_per_s"], timings["endpoints"]["training_images_per_s"]
-            speed[f"{name}_vs_endpoint_training"] = rate / plain
-        if name in ("sweep", "layerwise", "landscape"):
-            speed[f"{name}_vs_plain_inference"] = timing["images_per_s"] / speed["plain_inference_images_per_s"]
+    passes = timeit.repeat(lambda: evaluate(model, w1, data.test_x, data.test_y), number=1, repeat=3)  # seconds
+    plain = {"training": timings["endpoints"]["images_per_s"], "inference": len(data.test_x) / sorted(passes)[1]}
+    against = {"curve": "training", "fge": "training", "simplex": "training", "sweep": "inference",
+               "layerwise": "inference", "landscape": "inference"}  # each stage's images/s against plain ones
+    speed = {f"{name}_vs_plain_{kind}": timings[name]["images_per_s"] / plain[kind]
+             for name, kind in against.items() if name in timings}
     barriers = {path: {"train_loss": barrier(m["train_loss"], ts),
                        "test_error": barrier([1 - a for a in m["test_acc"]], ts)} for path, m in metrics.items()}
     landscape = {"plane": args.plane, "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
-                 **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "line_xy", "marks")}}
+                 **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "marks")}}
     return {"config": vars(args),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
                          "threads": torch.get_num_threads()},
             "endpoints": [{"seed": args.seed + i, **{k: v[end] for k, v in metrics["curve"].items()}}
                           for i, end in enumerate((0, -1))],
             "sweep": {"t": ts, **metrics}, "barrier": barriers, "ensemble": {**ens, "pair_along_t": pairs},
-            "layerwise": layers, "landscape": landscape, "timings": timings, "efficiency": speed}
-
-
-LABELS = {"cifar10": "CIFAR-10", "mnist": "MNIST", "fashionmnist": "Fashion-MNIST", "synthetic": "synthetic data"}
+            "layerwise": layers, "landscape": landscape, "timings": timings,
+            "efficiency": {"plain_inference_images_per_s": plain["inference"], **speed}}
 
 
 def run(args, log=print):
@@ -934,11 +843,9 @@ def run(args, log=print):
     stages = Stages(out, metas, args.resume, device, log)
     t0 = time.perf_counter()
     data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed)
-    stages.timings["data"] = {"seconds": time.perf_counter() - t0,
-                              "images_per_s": (len(data.train_x) + len(data.test_x)) / (time.perf_counter() - t0)}
-    label = args.label or LABELS.get(args.dataset) or Path(args.data_dir).name
-    log(f"data: {label}, {len(data.train_x)} training and {len(data.test_x)} test images of "
-        f"{'x'.join(map(str, data.train_x.shape[1:]))}, on {device}")
+    stages.timings["data"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}  # none through the network
+    label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
+    log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
     pad = 0 if args.no_augment or data.train_x.shape[1] != 3 else 4
 
     ends = stages.run("endpoints", lambda: endpoints_stage(args, data, pad, log))
@@ -962,18 +869,16 @@ def run(args, log=print):
 
     t0 = time.perf_counter()
     note = "" if args.bends == 1 else "\nplane through w1, w2, phi(0.5); the curve is projected onto it"
-    plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["line_xy"], land["marks"], args.plane,
+    plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["marks"], args.plane,
                    f"{label}: test loss, {args.plane} plane{note}", out / "landscape.png")
     plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
     stages.timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
 
-    results = collect_results(args, ts, sw["metrics"], ens, pairs, layers, land, stages.timings, model, w1, data,
-                              ends["history"])
+    results = collect_results(args, ts, sw["metrics"], ens, pairs, layers, land, stages.timings, model, w1, data)
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     barriers = ", ".join(f"{path} {b['test_error']:.4f}" for path, b in results["barrier"].items())
-    log(f"done: test-error barriers {barriers}; ensemble accuracy "
-        + ", ".join(f"{name} {e['acc']:.4f}" for name, e in ens.items()) + f"; wrote {out}/results.json")
+    log(f"done: test-error barriers {barriers}; wrote {out}/results.json")
     return results
 
 
