@@ -101,8 +101,8 @@ def read_folder(root):
             images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files]
         except OSError as err:
             raise ValueError(f"--data-dir {root}: a file in {half}/ is not a readable image ({err})") from None
-        if not images or len({img.shape for img in images}) > 1 or images[0].shape[1] != images[0].shape[2]:
-            raise ValueError(f"--data-dir {root}: {half}/ holds no images, or not square images of one size")
+        if not images or len({img.shape for img in images}) > 1 or not 8 <= images[0].shape[1] == images[0].shape[2]:
+            raise ValueError(f"--data-dir {root}: {half}/ holds no images, or not square ones of one size >= 8 px")
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))  # mix the classes, so
         out += [torch.stack(images)[order], torch.tensor([k for _, k in files])[order]]  # first-N subsets hold all
     return (*out, classes)
@@ -185,7 +185,7 @@ def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
 
 
 def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name):
-    """SGD (Nesterov, momentum 0.9) on CE(forward(xb)[0], yb) + forward(xb)[1], learning rate lr_at(step, steps)."""
+    """SGD (Nesterov, momentum 0.9) on CE(forward(xb)[0], yb) + forward(xb)[1]; returns one dict per epoch."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     opt = torch.optim.SGD(params, lr=lr_at(0, 1), momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = max(1, len(x) // batch_size)  # the last partial batch is dropped, as in most recipes
@@ -251,7 +251,7 @@ def curve_point(points, coeffs):
     for p in points[1:]:
         if p.keys() != points[0].keys() or any(p[k].shape != v.shape for k, v in points[0].items()):
             raise ValueError("control points differ in their tensor names or shapes; they must describe one network")
-    # empty_like(p0).copy_ keeps p0's memory layout (channels_last): convolutions ran up to 1.5x faster so
+    # empty_like(p0).copy_ keeps p0's memory layout (channels_last), in which convolutions ran up to 1.5x faster
     return {name: torch.empty_like(p0).copy_(sum(c * p[name] for c, p in zip(coeffs, points) if c != 0))
             for name, p0 in points[0].items()}
 
@@ -323,7 +323,7 @@ def progress(log, name, done, total, start):
 
 
 def sweep(model, paths, ts, data, eval_train, batch_size=256, log=print):
-    """Per path (points, coeffs) and t: train/test loss and accuracy (metrics), test log-probs (T, N, C) per path."""
+    """Per path (points, coeffs) and t: returns (metrics: train/test loss and accuracy, test log-probs (T, N, C))."""
     n_train = min(eval_train, len(data.train_x))
     splits = {"train": (data.train_x[:n_train], data.train_y[:n_train]), "test": (data.test_x, data.test_y)}
     metrics, test_log_probs, start = {}, {}, time.perf_counter()
@@ -395,7 +395,7 @@ def simplex_coeffs(k, gen=None):
 
 
 def simplex_volume(vertices):
-    """Cayley-Menger: vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1^T], [1, D]], D_ij = ||V_i - V_j||^2."""
+    """Cayley-Menger volume (differentiable): vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1], [1, D]], D = dist^2."""
     k = len(vertices) - 1
     rows = [torch.stack([sum((a[n] - b[n]).double().square().sum() for n in a) for b in vertices]) for a in vertices]
     d = torch.stack(rows)  # (k+1, k+1) squared distances
@@ -467,8 +467,8 @@ def layerwise_barriers(model, w1, targets, ts, data, eval_train, batch_size=256,
     paths = {}
     for path, target in targets.items():
         for layer in [*NEXT_LAYER, "fc2"]:
-            moved = {f"{layer}.{kind}": target[f"{layer}.{kind}"] for kind in ("weight", "bias")}
-            paths[f"{path} {layer}"] = ([w1, {**w1, **moved}], bezier_coeffs)  # a line on which one layer moves
+            step = {k: target[k] - v if k.startswith(layer + ".") else torch.zeros_like(v) for k, v in w1.items()}
+            paths[f"{path} {layer}"] = ([w1, step], lambda t, n: [1.0, t])  # w1 + t step: the other layers stay w1
     out = {path: {} for path in targets}
     for name, m in sweep(model, paths, ts, data, eval_train, batch_size, log)[0].items():
         path, layer = name.split()
@@ -502,8 +502,9 @@ def plane_axes(w1, w2, theta, plane="squeezed"):
 def plane_coords(w, origin, e1, e2):
     """(a, b) minimising ||w - (origin + a e1 + b e2)||: exact in the plane, a projection off it."""
     d = curve_point([w, origin], [1, -1])
-    gram = torch.tensor([[dot(e1, e1), dot(e1, e2)], [dot(e1, e2), dot(e2, e2)]], dtype=torch.float64)
-    return tuple(torch.linalg.solve(gram, torch.tensor([dot(d, e1), dot(d, e2)], dtype=torch.float64)).tolist())
+    g11, g12, g22, b1, b2 = dot(e1, e1), dot(e1, e2), dot(e2, e2), dot(d, e1), dot(d, e2)
+    det = g11 * g22 - g12 * g12  # the 2x2 normal equations by Cramer's rule: exactly (1, 0) at the axis e1 itself
+    return (b1 * g22 - b2 * g12) / det, (b2 * g11 - b1 * g12) / det
 
 
 def landscape(model, origin, e1, e2, coords, x, y, batch_size=256, log=print):
@@ -649,7 +650,7 @@ def number(kind, low, strict=False):
     return parse
 
 
-QUICK = {"epochs": 4, "curve_epochs": 8, "batch_size": 64, "train_subset": 4000, "test_subset": 500,
+QUICK = {"epochs": 4, "curve_epochs": 12, "batch_size": 64, "train_subset": 4000, "test_subset": 500,
          "eval_train": 500, "points": 11, "grid": 9, "eval_test": 250, "width": 8, "fge_cycles": 2,
          "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1, "simplex_samples": 4, "layer_points": 3}
 

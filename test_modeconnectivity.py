@@ -149,13 +149,13 @@ def test_synthetic_data_is_deterministic_and_normalised():
     assert len(a.train_y.unique()) == 10
 
 
-def write_folder(root, train_classes, test_classes):
+def write_folder(root, train_classes, test_classes, side=8):
     from PIL import Image
     for half, classes in (("train", train_classes), ("test", test_classes)):
         for k, name in enumerate(classes):
             (root / half / name).mkdir(parents=True)
             for i in range(3):
-                Image.new("RGB", (8, 8), (40 * k + i, 0, 255)).save(root / half / name / f"{i}.png")
+                Image.new("RGB", (side, side), (40 * k + i, 0, 255)).save(root / half / name / f"{i}.png")
 
 
 def test_folder_dataset(tmp_path):
@@ -179,6 +179,9 @@ def test_folder_dataset_errors(tmp_path):
     (tmp_path / "b" / "test" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
         mc.load_data("folder", tmp_path / "b", "cpu")
+    write_folder(tmp_path / "c", ["cat"], ["cat"], side=4)  # too small for three 2x2 max-pools
+    with pytest.raises(ValueError, match=">= 8 px"):
+        mc.load_data("folder", tmp_path / "c", "cpu")
 
 
 # ── 5. Curve training ─────────────────────────────────────────────────────────────────────────────
@@ -251,7 +254,7 @@ def test_squeezed_plane_maps_w1_w2_theta_and_bezier_points():
     w1, theta, w2 = random_params(0), random_params(1), random_params(2)
     axes = mc.plane_axes(w1, w2, theta, "squeezed")
     for w, ab in ((w1, (1, 0)), (w2, (0, 1)), (theta, (0, 0))):
-        assert mc.plane_coords(w, *axes) == pytest.approx(ab, abs=1e-5)
+        assert mc.plane_coords(w, *axes) == ab  # exactly: the marks of the figure sit on the grid's points
         point = mc.curve_point(list(axes), [1, *ab])
         assert all(torch.allclose(point[k], w[k], atol=1e-6) for k in w)
     for t in (0.2, 0.5, 0.9):
@@ -382,6 +385,25 @@ def test_aligned_line_barrier_is_at_most_the_line_barrier(trained):
     assert list(layers["line"]) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     assert layers["line"]["conv2"]["swapped_test_error"] == pytest.approx(
         1 - mc.evaluate(model, swapped, data.test_x[:64], data.test_y[:64])[1])
+
+
+def test_layerwise_paths_move_one_layer_and_keep_the_others_exactly(monkeypatch):
+    w1, w2 = random_params(0), random_params(1)
+    seen = {}
+
+    def recording_sweep(model, paths, ts, data, eval_train, batch_size, log):
+        seen.update(paths)
+        return {name: {"train_loss": [0.0] * len(ts), "test_acc": [1.0] * len(ts)} for name in paths}, None
+
+    monkeypatch.setattr(mc, "sweep", recording_sweep)
+    mc.layerwise_barriers(None, w1, {"line": w2}, [0.0, 0.5, 1.0], None, 64)
+    assert sorted(seen) == ["line conv1", "line conv2", "line conv3", "line fc1", "line fc2"]
+    points, coeffs = seen["line conv2"]
+    for t in (0.0, 0.3, 0.7, 1.0):
+        phi = mc.curve_point(points, coeffs(t, len(points)))
+        assert all(torch.equal(phi[k], w1[k]) for k in w1 if not k.startswith("conv2."))  # not moved, not rounded
+        for k in ("conv2.weight", "conv2.bias"):
+            assert torch.allclose(phi[k], (1 - t) * w1[k] + t * w2[k], atol=1e-6)
 
 
 # ── 12. Command line: a whole run, resume, determinism, bad input ────────────────────────────────
