@@ -525,7 +525,7 @@ def test_help_groups_the_options(capsys):
     for group in ("data:", "model and training of the endpoints:", "curve:", "fast ensembles (FGE and simplex):",
                   "evaluation and landscape:", "run control:"):
         assert group in text
-    assert "(default: 30)" in text and "(default: 60)" in text  # --epochs, --curve-epochs
+    assert "(default: 30)" in text and "(default: 120)" in text  # --epochs, --curve-epochs
 
 
 def test_unavailable_device_bad_dirs_and_divergence(tmp_path, capsys, monkeypatch):
