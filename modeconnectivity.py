@@ -13,6 +13,7 @@ A run writes results.json, three PNG figures and the checkpoints --resume reuses
 copy, README.md) the test-error barrier was 71.98 points on the line, 5.64 on the aligned line, 0.20 on the curve.
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -152,22 +153,24 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
 # │ 2. Model                                                                                     │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 class ConvNet(nn.Module):
-    """3x3 conv layers of width, 2*width, 4*width (ReLU, 2x2 max-pool), two linear layers with dropout, no BatchNorm."""
+    """3x3 conv layers of width, 2*width, 4*width (BatchNorm if asked, ReLU, 2x2 max-pool), two linear with dropout."""
 
-    def __init__(self, in_channels=3, num_classes=10, image_size=32, width=32, dropout=0.2):
+    def __init__(self, in_channels=3, num_classes=10, image_size=32, width=32, dropout=0.2, batchnorm=False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
+        norm = nn.BatchNorm2d if batchnorm else lambda channels: nn.Identity()  # Identity: no weights, no effect
+        self.bn1, self.bn2, self.bn3 = norm(width), norm(2 * width), norm(4 * width)
         side = image_size // 8  # three 2x2 max-pools
         self.fc1 = nn.Linear(4 * width * side * side, 8 * width)
         self.fc2 = nn.Linear(8 * width, num_classes)
         self.dropout = dropout
 
     def forward(self, x):  # x: (B, C, H, W)
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, width, H/2, W/2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 2*width, H/4, W/4)
-        x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # (B, 4*width, H/8, W/8)
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)  # (B, width, H/2, W/2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # (B, 2*width, H/4, W/4)
+        x = F.max_pool2d(F.relu(self.bn3(self.conv3(x))), 2)  # (B, 4*width, H/8, W/8)
         x = F.dropout(x.flatten(1), self.dropout, self.training)
         x = F.dropout(F.relu(self.fc1(x)), self.dropout, self.training)
         return self.fc2(x)  # (B, num_classes) logits
@@ -273,8 +276,9 @@ def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay
         penalty = weight_decay / 2 * torch.stack(torch._foreach_norm(list(phi.values()))).square().sum()
         if regulariser is not None:
             penalty = penalty + regulariser(points)
-        return functional_call(model, phi, (xb,)), penalty
+        return functional_call(model, {**buffers, **phi}, (xb,)), penalty
 
+    buffers = detached(dict(model.named_buffers()))  # BatchNorm updates these copies, not the model's own
     model.train()
     params = [p for point in points for p in point.values() if isinstance(p, nn.Parameter)]
     return sgd_epochs(params, forward, x, y, epochs, batch_size, lambda step, total: one_cycle_lr(step, total, lr),
@@ -286,11 +290,21 @@ def detached(params):
     return {k: v.detach().clone() for k, v in params.items()}
 
 
+def parameters_of(model, weights):
+    """The floating-point parameters of model in weights (a parameter dict or a whole state_dict), shapes checked."""
+    params = dict(model.named_parameters())
+    for name, tensor in model.state_dict().items():  # buffers may be absent, parameters may not
+        found = "missing" if name not in weights else f"of shape {tuple(weights[name].shape)}"
+        if (name in params and name not in weights) or (name in weights and weights[name].shape != tensor.shape):
+            raise ValueError(f"weights: tensor {name} is {found}; the model's is of shape {tuple(tensor.shape)}")
+    return {name: weights[name] for name in params}
+
+
 def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, batch_size=128, lr=0.05,
                 weight_decay=5e-4, augment_pad=4, seed=0, log=print):
     """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the middle points; returns (points, history)."""
     n = bends + 2
-    w1, w2 = detached(w1), detached(w2)
+    w1, w2 = detached(parameters_of(model, w1)), detached(parameters_of(model, w2))
     middle = [{k: nn.Parameter(w1[k] + i / (n - 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, n - 1)]
     points = [w1, *middle, w2]
     draw_t = lambda gen: coeffs(torch.rand((), generator=gen).item(), n)  # one t ~ U(0, 1) per batch
@@ -302,9 +316,37 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 6. Walking along the curve                                                                   │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
+def batchnorms(model):
+    """The BatchNorm layers of a model that keep running statistics, by state-dict prefix."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+@torch.no_grad()
+def recompute_bn(model, params, x, batch_size=256):
+    """params plus each BatchNorm's running mean and variance at these weights: reset, then the cumulative average
+    of the batch statistics over one pass of x in training mode, dropout off. Without BatchNorm: params itself."""
+    probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
+    norms = batchnorms(probe)
+    if not norms:
+        return params
+    for m in norms.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average of the batch statistics
+        m.train()  # batch statistics in BatchNorm only: dropout stays off
+    stats = {f"{name}.{k}": v for name, m in norms.items() for k, v in m.named_buffers()}  # updated in place
+    for i in range(0, len(x), batch_size):
+        functional_call(probe, {**params, **stats}, (x[i:i + batch_size],))
+    return {**params, **stats}
+
+
 @torch.inference_mode()
 def evaluate(model, params, x, y, batch_size=256):
     """Mean cross-entropy (nats), accuracy and log-probabilities (N, classes) of weights `params`."""
+    for name in batchnorms(model):
+        if f"{name}.running_mean" not in params:  # the model object's statistics belong to other weights
+            raise ValueError(f"evaluate: the weights hold no running statistics for BatchNorm {name}; "
+                             f"pass recompute_bn(model, weights, train_x) or a whole state_dict")
     model.eval()
     log_probs = torch.cat([F.log_softmax(functional_call(model, params, (x[i:i + batch_size],)), 1)
                            for i in range(0, len(x), batch_size)])  # (N, classes)
@@ -322,8 +364,9 @@ def progress(log, name, done, total, start):
     log(f"{name}: {done}/{total} done, {total - done} left, about {spent / done * (total - done):.0f} s left")
 
 
-def sweep(model, paths, ts, data, eval_train, batch_size=256, log=print):
-    """Per path (points, coeffs) and t: returns (metrics: train/test loss and accuracy, test log-probs (T, N, C))."""
+def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, log=print):
+    """Per path (points, coeffs) and t: returns (metrics: train/test loss and accuracy, test log-probs (T, N, C)).
+    BatchNorm statistics are recomputed at each point on the first bn_images training images (0: interpolated)."""
     n_train = min(eval_train, len(data.train_x))
     splits = {"train": (data.train_x[:n_train], data.train_y[:n_train]), "test": (data.test_x, data.test_y)}
     metrics, test_log_probs, start = {}, {}, time.perf_counter()
@@ -332,6 +375,8 @@ def sweep(model, paths, ts, data, eval_train, batch_size=256, log=print):
         log_probs = []
         for i, t in enumerate(ts):
             phi = curve_point(points, coeffs(t, len(points)))
+            if bn_images > 0:
+                phi = recompute_bn(model, phi, data.train_x[:bn_images], batch_size)
             for split, (xs, ys) in splits.items():
                 loss, acc, lp = evaluate(model, phi, xs, ys, batch_size)
                 metrics[path][f"{split}_loss"].append(loss)
@@ -377,14 +422,15 @@ def fge_lr(step, cycle_steps, lr_high, lr_low):
 def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low=1e-4, batch_size=128,
                   weight_decay=5e-4, augment_pad=4, seed=0, log=print):
     """Fast Geometric Ensembling: SGD from w with a cyclical rate (fge_lr); returns (cycle-end snapshots, history)."""
-    model.load_state_dict(w)
+    parameters_of(model, w)  # checks that w describes the model
+    model.load_state_dict({**model.state_dict(), **w})  # a parameter dict keeps the model's own statistics
     model.train()
     snapshots, history = [], []
     for cycle in range(cycles):
         history += sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, cycle_epochs, batch_size,
                               lambda step, total: fge_lr(step, total, lr_high, lr_low), weight_decay, augment_pad,
                               seed + cycle, log, f"FGE cycle {cycle + 1}/{cycles}")
-        snapshots.append(detached(dict(model.named_parameters())))
+        snapshots.append(detached(model.state_dict()))  # with BatchNorm: the statistics of training too
     return snapshots, history
 
 
@@ -407,7 +453,7 @@ def simplex_volume(vertices):
 def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4,
                   lam=1e-3, augment_pad=4, seed=0, log=print):
     """Add vertices one by one: min E_{c~Dir(1)} [L(sum_j c_j V_j) + wd/2 ||.||^2] - lam log vol(V_0..V_k)."""
-    vertices, history = [detached(v) for v in vertices], []
+    vertices, history = [detached(parameters_of(model, v)) for v in vertices], []
     gen = torch.Generator().manual_seed(seed)
     for j in range(new_vertices):
         centre = {name: sum(v[name] for v in vertices) / len(vertices) for name in vertices[0]}
@@ -425,52 +471,100 @@ def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=12
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 9. Aligning neurons                                                                          │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-NEXT_LAYER = {"conv1": "conv2", "conv2": "conv3", "conv3": "fc1", "fc1": "fc2"}  # hidden layer -> its reader
+def convnet_chain(params):
+    """This file's ConvNet as a permutation chain: conv1, conv2, conv3 (each with its BatchNorm, if any), fc1, fc2."""
+    chain = [(f"conv{i}", f"bn{i}" if f"bn{i}.weight" in params else None) for i in (1, 2, 3)]
+    return chain + [("fc1", None), ("fc2", None)]
 
 
-def permute_units(params, perms):
-    """The same function with hidden units reordered: rows [p] of each layer in perms, columns [:, p] of the next."""
+def permute_units(params, perms, chain=None):
+    """The same function with hidden units reordered: rows [p] of each layer in perms and of its BatchNorm's
+    tensors, input columns [:, p] of the next layer (in blocks after a flattened convolution). chain: ConvNet's."""
+    chain = chain or convnet_chain(params)
+    following = {layer: nxt for (layer, _), (nxt, _) in zip(chain, chain[1:])}
     out = dict(params)
     for layer, p in perms.items():
-        out[f"{layer}.weight"] = out[f"{layer}.weight"][p]
-        out[f"{layer}.bias"] = out[f"{layer}.bias"][p]
-        nxt = out[f"{NEXT_LAYER[layer]}.weight"]  # (out, units, ...) or (out, units * H/8 * W/8)
-        out[f"{NEXT_LAYER[layer]}.weight"] = nxt.reshape(nxt.shape[0], len(p), -1)[:, p].reshape(nxt.shape)
+        prefixes = [layer, dict(chain)[layer]]
+        for key in [f"{prefix}.{kind}" for prefix in prefixes for kind in ("weight", "bias", "running_mean",
+                                                                             "running_var")]:
+            if key in out:
+                out[key] = out[key][p]
+        nxt = out[f"{following[layer]}.weight"]  # (out, units, ...) or (out, units * H * W) after flattening
+        out[f"{following[layer]}.weight"] = nxt.reshape(nxt.shape[0], len(p), -1)[:, p].reshape(nxt.shape)
     return {k: torch.empty_like(params[k]).copy_(v) for k, v in out.items()}  # keep each tensor's memory layout
 
 
-def match_weights(w1, w2, max_rounds=100):
-    """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, one linear assignment per layer per round."""
+def permutation_chain(model, x):
+    """[(layer, batchnorm or None)] in forward order: each Conv2d or Linear with the BatchNorm that normalises its
+    output. Checked on the batch x: permuting hidden units must keep the outputs, else ValueError."""
+    probe = copy.deepcopy(model).eval()  # hooks and eval mode on a copy: the model stays as it was
+    order = []
+    for name, m in probe.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.modules.batchnorm._BatchNorm):
+            m.register_forward_hook(lambda m, i, o, name=name: order.append(name))
+    with torch.no_grad():
+        before = probe(x)
+    chain, each_once = [], len(set(order)) == len(order)  # a layer used twice shares its units with itself
+    for name in order:
+        if not isinstance(dict(probe.named_modules())[name], nn.modules.batchnorm._BatchNorm):
+            chain.append((name, None))
+        elif chain and chain[-1][1] is None:  # a BatchNorm after a layer normalises that layer's units
+            chain[-1] = (chain[-1][0], name)
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    perms = {layer: torch.randperm(state[f"{layer}.weight"].shape[0], generator=gen) for layer, _ in chain[:-1]}
+    try:
+        after = functional_call(probe, permute_units(state, perms, chain), (x,))
+        plain = each_once and len(chain) > 1 and torch.allclose(after, before, atol=1e-4 * before.abs().max())
+    except (RuntimeError, KeyError):  # a next layer that does not read this layer's units
+        plain = False
+    if not plain:
+        raise ValueError(f"permutation_chain: {type(model).__name__} is not a plain chain (permuting its hidden units "
+                         f"changes its outputs, e.g. through residual connections); alignment supports Conv2d and "
+                         f"Linear layers, each feeding only the next, with BatchNorm, activations, pooling between")
+    return chain
+
+
+def match_weights(w1, w2, chain=None, max_rounds=100):
+    """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, one linear assignment per layer per round.
+    chain: permutation_chain(model, x) (None: this file's ConvNet). Buffers of a state_dict move with their units."""
     from scipy.optimize import linear_sum_assignment
+    chain = chain or convnet_chain(w1)
+    following = {layer: nxt for (layer, _), (nxt, _) in zip(chain, chain[1:])}
+    hidden = {layer: norm for layer, norm in chain[:-1]}
 
-    def unit_features(params, layer):  # (units, features): each unit's incoming weights, bias, outgoing weights
-        w, nxt = params[f"{layer}.weight"], params[f"{NEXT_LAYER[layer]}.weight"]
-        n = w.shape[0]
-        outgoing = nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
-        return torch.cat([w.reshape(n, -1), params[f"{layer}.bias"][:, None], outgoing], 1)
+    def unit_features(params, layer):  # (units, features): incoming weights, bias, BatchNorm scale and shift, outgoing
+        n = params[f"{layer}.weight"].shape[0]
+        own = [params[f"{prefix}.{kind}"].reshape(n, -1) for prefix in (layer, hidden[layer])
+               for kind in ("weight", "bias") if f"{prefix}.{kind}" in params]
+        nxt = params[f"{following[layer]}.weight"]
+        return torch.cat([*own, nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)], 1)
 
-    perms = {layer: torch.arange(len(w2[f"{layer}.bias"]), device=w2[f"{layer}.bias"].device) for layer in NEXT_LAYER}
+    perms = {layer: torch.arange(w2[f"{layer}.weight"].shape[0], device=w2[f"{layer}.weight"].device)
+             for layer in hidden}
     for _ in range(max_rounds):
         previous = dict(perms)
-        for layer in NEXT_LAYER:
-            others = permute_units(w2, {**perms, layer: perms[layer].sort().values})  # every layer but this one
+        for layer in hidden:
+            others = permute_units(w2, {**perms, layer: perms[layer].sort().values}, chain)  # all but this layer
             similarity = unit_features(w1, layer) @ unit_features(others, layer).T  # (units of w1, units of w2)
             best = linear_sum_assignment(similarity.double().cpu().numpy(), maximize=True)[1]
             perms[layer] = torch.as_tensor(best, device=perms[layer].device)
-        if all(torch.equal(previous[layer], perms[layer]) for layer in NEXT_LAYER):  # a round changed nothing
+        if all(torch.equal(previous[layer], perms[layer]) for layer in hidden):  # a round changed nothing
             break
-    return permute_units(w2, perms)
+    return permute_units(w2, perms, chain)
 
 
-def layerwise_barriers(model, w1, targets, ts, data, eval_train, batch_size=256, log=print):
-    """Barriers when one layer alone moves, (1-t) w1 + t targets[path]; [path][layer] also has the error at t = 1."""
+def layerwise_barriers(model, w1, targets, ts, data, eval_train, chain=None, bn_images=2000, log=print):
+    """Barriers when one layer (with its BatchNorm) alone moves, (1-t) w1 + t targets[path]; [path][layer] also has
+    the error at t = 1. chain: permutation_chain(model, x) (None: this file's ConvNet)."""
     paths = {}
     for path, target in targets.items():
-        for layer in [*NEXT_LAYER, "fc2"]:
-            step = {k: target[k] - v if k.startswith(layer + ".") else torch.zeros_like(v) for k, v in w1.items()}
+        for layer, norm in chain or convnet_chain(w1):
+            moved = tuple(f"{prefix}." for prefix in (layer, norm) if prefix)
+            step = {k: target[k] - v if k.startswith(moved) else torch.zeros_like(v) for k, v in w1.items()}
             paths[f"{path} {layer}"] = ([w1, step], lambda t, n: [1.0, t])  # w1 + t step: the other layers stay w1
     out = {path: {} for path in targets}
-    for name, m in sweep(model, paths, ts, data, eval_train, batch_size, log)[0].items():
+    for name, m in sweep(model, paths, ts, data, eval_train, bn_images=bn_images, log=log)[0].items():
         path, layer = name.split()
         errors = [1 - a for a in m["test_acc"]]
         out[path][layer] = {"test_error": barrier(errors, ts), "train_loss": barrier(m["train_loss"], ts),
@@ -507,11 +601,15 @@ def plane_coords(w, origin, e1, e2):
     return (b1 * g22 - b2 * g12) / det, (b2 * g11 - b1 * g12) / det
 
 
-def landscape(model, origin, e1, e2, coords, x, y, batch_size=256, log=print):
-    """Test loss at origin + a e1 + b e2 for every (a, b) in coords x coords; returns rows b, columns a."""
+def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, log=print):
+    """Test loss at origin + a e1 + b e2 for every (a, b) in coords x coords; returns rows b, columns a.
+    With BatchNorm, its statistics are recomputed at every point on the training images bn_x."""
     rows, start = [], time.perf_counter()
     for b in coords:
-        rows.append([evaluate(model, curve_point([origin, e1, e2], [1, a, b]), x, y, batch_size)[0] for a in coords])
+        points = [curve_point([origin, e1, e2], [1, a, b]) for a in coords]
+        if bn_x is not None:
+            points = [recompute_bn(model, w, bn_x, batch_size) for w in points]
+        rows.append([evaluate(model, w, x, y, batch_size)[0] for w in points])
         progress(log, "landscape rows", len(rows), len(coords), start)
     return rows
 
@@ -534,7 +632,8 @@ def plot_landscape(losses, coords, curve_xy, marks, plane, title, path):
     ax = fig.subplots()
     cs = ax.contourf(coords, coords, z, levels=np.geomspace(z.min(), z.max(), 24), norm=LogNorm(), cmap="viridis_r")
     fig.colorbar(cs, ax=ax, label="test loss (nats, log scale)", format="%.2g")
-    ax.plot(*zip(marks["w1"], marks["w2"]), "--", color="white", lw=1.5, label="straight line")  # in the plane
+    ends = list(marks.values())[:2]  # w1 and w2 (or the aligned w2)
+    ax.plot(*zip(*ends), "--", color="white", lw=1.5, label="straight line")  # in the plane
     ax.plot(*zip(*curve_xy), "-", color="tab:red", lw=2, label="trained curve")
     for name, xy in marks.items():
         ax.plot(*xy, "o", color="black", ms=6)
@@ -545,7 +644,8 @@ def plot_landscape(losses, coords, curve_xy, marks, plane, title, path):
     save_figure(fig, path)
 
 
-PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned": ("^-.", "tab:green")}
+PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned": ("^-.", "tab:green"),
+               "line_interpolated_bn": (":", "tab:gray"), "aligned_interpolated_bn": (":", "tab:green")}
 
 
 def plot_sweep(ts, metrics, layerwise, title, path):
@@ -655,16 +755,16 @@ QUICK = {"epochs": 4, "curve_epochs": 12, "batch_size": 64, "train_subset": 4000
          "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1, "simplex_samples": 4, "layer_points": 3}
 
 # The options each stage depends on (its own and those of the stages it builds on): they name its checkpoint.
-DATA_OPTIONS = ["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "epochs", "batch_size", "lr",
-                "wd", "no_augment"]
-CURVE_OPTIONS = DATA_OPTIONS + ["curve", "bends", "curve_epochs", "curve_lr"]
+DATA_OPTIONS = ["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "batchnorm", "epochs",
+                "batch_size", "lr", "wd", "no_augment"]
+CURVE_OPTIONS = DATA_OPTIONS + ["curve", "bends", "curve_epochs", "curve_lr", "align_curve"]
 STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
-                 "sweep": CURVE_OPTIONS + ["points", "eval_train"],
-                 "fge": DATA_OPTIONS + ["fge_cycles", "fge_cycle_epochs", "fge_lr", "fge_lr_low"],
+                 "sweep": CURVE_OPTIONS + ["points", "eval_train", "bn_images"],
+                 "fge": DATA_OPTIONS + ["fge_cycles", "fge_cycle_epochs", "fge_lr", "fge_lr_low", "bn_images"],
                  "simplex": DATA_OPTIONS + ["curve_lr", "simplex_vertices", "simplex_epochs", "simplex_lambda",
-                                           "simplex_samples"],
-                 "layerwise": DATA_OPTIONS + ["layer_points", "eval_test"],
-                 "landscape": CURVE_OPTIONS + ["grid", "plane", "eval_test"]}
+                                           "simplex_samples", "bn_images"],
+                 "layerwise": DATA_OPTIONS + ["layer_points", "eval_test", "bn_images"],
+                 "landscape": CURVE_OPTIONS + ["grid", "plane", "eval_test", "bn_images"]}
 
 
 def build_parser():
@@ -686,11 +786,13 @@ def build_parser():
     g("--lr", type=pos_float, default=0.05, help="peak learning rate of the endpoints' one-cycle schedule")
     g("--wd", type=non_neg, default=5e-4, help="weight decay, as wd/2 ||w||^2 in the loss")
     g("--seed", type=int, default=0, help="seed of the first endpoint; the second uses seed+1")
+    g("--batchnorm", action="store_true", help="BatchNorm after each convolution (statistics recomputed per point)")
     g = p.add_argument_group("curve").add_argument
     g("--curve", default="bezier", choices=sorted(COEFFS), help="curve family")
     g("--bends", type=pos_int, default=1, help="middle control points of the curve")
     g("--curve-epochs", type=pos_int, default=120, help="epochs of curve training")
     g("--curve-lr", type=pos_float, help="peak learning rate of curve and simplex training (None: --lr)")
+    g("--align-curve", action="store_true", help="end the curve at w2 with its units aligned to w1's (same function)")
     g = p.add_argument_group("fast ensembles (FGE and simplex)").add_argument
     g("--fge-cycles", type=number(int, 0), default=4, help="FGE cycles from w1, one member each (0: skip FGE)")
     g("--fge-cycle-epochs", type=pos_int, default=2, help="epochs per FGE cycle")
@@ -704,6 +806,7 @@ def build_parser():
     g("--points", type=number(int, 2), default=21, help="evenly spaced t in [0, 1] for the sweep")
     g("--eval-train", type=pos_int, default=10000, help="training images for the train loss along t")
     g("--eval-test", type=pos_int, default=2000, help="images per landscape and layer-wise point (test and train)")
+    g("--bn-images", type=pos_int, default=2000, help="training images that recompute BatchNorm statistics per point")
     g("--layer-points", type=number(int, 2), default=11, help="evenly spaced t for the layer-wise barriers")
     g("--grid", type=number(int, 2), default=21, help="landscape grid lines per axis")
     g("--plane", default="squeezed", choices=["squeezed", "orthonormal"], help="landscape plane")
@@ -713,6 +816,7 @@ def build_parser():
     g("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     g("--quick", action="store_true", help=f"a first look in under a minute: {QUICK} (your own options win)")
     g("--resume", action="store_true", help="reuse the finished stages in --out whose options match")
+    g("--threads", type=pos_int, help="CPU threads (None: torch's own choice)")
     return p
 
 
@@ -737,10 +841,10 @@ def parse_args(argv):
     return args
 
 
-def new_model(data, width, seed, device):
+def new_model(data, width, seed, device, batchnorm=False):
     """A ConvNet shaped for the data; its initial weights and dropout masks depend on the seed alone."""
     torch.manual_seed(seed)
-    model = ConvNet(data.train_x.shape[1], len(data.classes), data.train_x.shape[2], width)
+    model = ConvNet(data.train_x.shape[1], len(data.classes), data.train_x.shape[2], width, batchnorm=batchnorm)
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -748,10 +852,10 @@ def endpoints_stage(args, data, pad, log):
     """Both endpoints: one training function, seeds args.seed and args.seed + 1."""
     states, history = [], []
     for seed in (args.seed, args.seed + 1):
-        model = new_model(data, args.width, seed, data.train_x.device)
+        model = new_model(data, args.width, seed, data.train_x.device, args.batchnorm)
         history += train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size, args.lr, args.wd,
                                   pad, seed, log)
-        states.append(detached(dict(model.named_parameters())))
+        states.append(detached(model.state_dict()))  # with BatchNorm: its running statistics too
     return {"states": states, "history": history, "images": sum(h["images"] for h in history)}
 
 
@@ -762,8 +866,14 @@ def curve_stage(args, model, w1, w2, data, pad, log):
 
 
 def sweep_stage(args, model, paths, ts, data, log):
-    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, log=log)
-    images = len(paths) * len(ts) * (min(args.eval_train, len(data.train_x)) + len(data.test_x))
+    """The paths along t; with BatchNorm also the line and aligned line with the endpoints' statistics interpolated."""
+    bn_images = min(args.bn_images, len(data.train_x)) if args.batchnorm else 0
+    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, bn_images, log=log)
+    per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)
+    images = len(ts) * (len(paths) * (per_point + bn_images) + 2 * args.batchnorm * per_point)
+    if args.batchnorm:  # what a naive evaluation reports
+        naive = {f"{path}_interpolated_bn": paths[path] for path in ("line", "aligned")}
+        metrics.update(sweep(model, naive, ts, data, args.eval_train, bn_images=0, log=log)[0])
     return {"metrics": metrics, "log_probs": log_probs, "images": images}
 
 
@@ -780,7 +890,9 @@ def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
                                           args.simplex_lambda, pad, args.seed + 4, log)
         gen = torch.Generator().manual_seed(args.seed + 5)
         members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(args.simplex_samples)]
-    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y)[2] for w in members])
+    bn_x = data.train_x[:args.bn_images]  # with BatchNorm, each member's statistics are recomputed on these
+    log_probs = torch.stack([evaluate(model, recompute_bn(model, w, bn_x), data.test_x, data.test_y)[2]
+                             for w in members])
     return {"epochs": len(history), "members": members, "log_probs": log_probs,
             "history": history, "images": sum(h["images"] for h in history) + len(members) * len(data.test_x)}
 
@@ -788,9 +900,9 @@ def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
 def layerwise_stage(args, model, w1, targets, data, log):
     ts = [i / (args.layer_points - 1) for i in range(args.layer_points)]
     n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
-    result = layerwise_barriers(model, w1, targets, ts, data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n]),
-                                n, log=log)
-    return {"barriers": result, "images": len(targets) * (len(NEXT_LAYER) + 1) * len(ts) * 2 * n}
+    small = data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n])
+    result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images * args.batchnorm, log=log)
+    return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * 2 * n}
 
 
 def landscape_stage(args, model, points, data, log):
@@ -801,9 +913,11 @@ def landscape_stage(args, model, points, data, log):
     xy = lambda w: plane_coords(w, origin, e1, e2)  # a weight dict's place in the plane
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
     curve_xy = [xy(curve_point(points, coeffs(i / 60, n))) for i in range(61)]
-    marks = {"w1": curve_xy[0], "w2": curve_xy[-1], "theta" if n == 3 else "phi(0.5)": xy(theta)}
+    marks = {"w1": curve_xy[0], "aligned w2" if args.align_curve else "w2": curve_xy[-1],
+             "theta" if n == 3 else "phi(0.5)": xy(theta)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, log=log), "coords": coords,
+    bn_x = data.train_x[:args.bn_images] if args.batchnorm else None
+    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, bn_x, log=log), "coords": coords,
             "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
 
 
@@ -823,6 +937,12 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
                "layerwise": "inference", "landscape": "inference"}  # each stage's images/s against plain ones
     speed = {f"{name}_vs_plain_{kind}": timings[name]["images_per_s"] / plain[kind]
              for name, kind in against.items() if name in timings}
+    if args.batchnorm:  # seconds per point with statistics recomputed against without, from timings in this process
+        bn = timeit.repeat(lambda: recompute_bn(model, w1, data.train_x[:args.bn_images]), number=1, repeat=3)
+        per_point = {"sweep": min(args.eval_train, len(data.train_x)) + len(data.test_x),
+                     "landscape": min(args.eval_test, len(data.test_x))}  # images evaluated per point
+        for name, images in per_point.items():
+            speed[f"{name}_point_bn_vs_plain_seconds"] = 1 + sorted(bn)[1] * plain["inference"] / images
     barriers = {path: {"train_loss": barrier(m["train_loss"], ts),
                        "test_error": barrier([1 - a for a in m["test_acc"]], ts)} for path, m in metrics.items()}
     landscape = {"plane": args.plane, "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
@@ -840,6 +960,8 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
 def run(args, log=print):
     """The recipe, one call per stage from the data to the figures; writes everything to args.out, returns results."""
     out, device = Path(args.out), torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
     stages = Stages(out, metas, args.resume, device, log)
     t0 = time.perf_counter()
@@ -851,9 +973,10 @@ def run(args, log=print):
 
     ends = stages.run("endpoints", lambda: endpoints_stage(args, data, pad, log))
     w1, w2 = ends["states"]
-    model = new_model(data, args.width, args.seed + 2, device)  # functional_call replaces all its weights
-    points = stages.run("curve", lambda: curve_stage(args, model, w1, w2, data, pad, log))["points"]
-    aligned = match_weights(w1, w2)  # w2 with its hidden units reordered to match w1's
+    model = new_model(data, args.width, args.seed + 2, device, args.batchnorm)  # functional_call gives its weights
+    aligned = match_weights(w1, w2)  # w2 with its hidden units reordered to match w1's: the same function
+    far = aligned if args.align_curve else w2
+    points = stages.run("curve", lambda: curve_stage(args, model, w1, far, data, pad, log))["points"]
     paths = {"curve": (points, COEFFS[args.curve]), "line": ([w1, w2], bezier_coeffs),
              "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]

@@ -347,7 +347,8 @@ def test_train_simplex_keeps_fixed_vertices_and_lowers_the_loss(trained):
 # ── 9. Aligning neurons ──────────────────────────────────────────────────────────────────────────
 def random_perms(params, seed):
     gen = torch.Generator().manual_seed(seed)
-    return {layer: torch.randperm(len(params[f"{layer}.bias"]), generator=gen) for layer in mc.NEXT_LAYER}
+    return {layer: torch.randperm(len(params[f"{layer}.bias"]), generator=gen)
+            for layer, _ in mc.convnet_chain(params)[:-1]}
 
 
 def test_permuted_network_computes_the_same_function():
@@ -391,7 +392,7 @@ def test_layerwise_paths_move_one_layer_and_keep_the_others_exactly(monkeypatch)
     w1, w2 = random_params(0), random_params(1)
     seen = {}
 
-    def recording_sweep(model, paths, ts, data, eval_train, batch_size, log):
+    def recording_sweep(model, paths, ts, data, eval_train, bn_images, log):
         seen.update(paths)
         return {name: {"train_loss": [0.0] * len(ts), "test_acc": [1.0] * len(ts)} for name in paths}, None
 
@@ -404,6 +405,133 @@ def test_layerwise_paths_move_one_layer_and_keep_the_others_exactly(monkeypatch)
         assert all(torch.equal(phi[k], w1[k]) for k in w1 if not k.startswith("conv2."))  # not moved, not rounded
         for k in ("conv2.weight", "conv2.bias"):
             assert torch.allclose(phi[k], (1 - t) * w1[k] + t * w2[k], atol=1e-6)
+
+
+# ── Your own network: BatchNorm statistics, any plain chain, state_dicts ─────────────────────────
+def vgg_bn(seed=0):
+    """A VGG-style nn.Sequential with BatchNorm and dropout, with running statistics that are not the defaults."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Dropout(0.5), nn.Linear(8 * 4 * 4, 12), nn.BatchNorm1d(12), nn.ReLU(),
+                          nn.Linear(12, 10))
+    for m in model:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_recompute_bn_against_a_reference_by_hand():
+    model = vgg_bn()
+    model.train()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: v.detach() * 1.1 for k, v in model.named_parameters()}  # other weights than the model's
+    x = torch.randn(70, 3, 16, 16)
+    got = mc.recompute_bn(model, params, x, batch_size=32)  # batches of 32, 32 and 6 images
+    # by hand: per batch, the batch statistics of each BatchNorm's input, then their mean over the 3 batches
+    sums = {}
+    for i in range(0, 70, 32):
+        h = x[i:i + 32]
+        for j, m in enumerate(model):
+            name = str(j)
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                dims = [0, 2, 3] if h.dim() == 4 else [0]
+                mean, var = h.mean(dims), h.var(dims)  # the running variance takes the unbiased one
+                sums[name] = [s + v for s, v in zip(sums.get(name, [0, 0]), (mean, var))]
+                h = (h - mean[:, None, None] if h.dim() == 4 else h - mean)
+                h = h / (h.var(dims, unbiased=False, keepdim=h.dim() == 4) + m.eps).sqrt()
+                w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+                h = h * w[:, None, None] + b[:, None, None] if h.dim() == 4 else h * w + b
+            elif isinstance(m, torch.nn.Dropout):
+                pass  # dropout off while statistics are taken
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                h = functional_call(m, {"weight": params[f"{name}.weight"], "bias": params[f"{name}.bias"]}, (h,))
+            else:
+                h = m(h)
+    for name, (mean_sum, var_sum) in sums.items():
+        assert torch.allclose(got[f"{name}.running_mean"], mean_sum / 3, atol=1e-5)
+        assert torch.allclose(got[f"{name}.running_var"], var_sum / 3, atol=1e-4)
+    assert all(torch.equal(got[k], v) for k, v in params.items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())  # the model's own state is kept
+    assert model.training and model[9].training and model[1].momentum == 0.1
+    plain = mc.ConvNet(3, 10, 16, width=4)
+    w = dict(plain.named_parameters())
+    assert mc.recompute_bn(plain, w, x) is w  # no BatchNorm: params unchanged
+
+
+def test_batchnorm_sweep_recomputes_and_evaluate_refuses_stale_statistics():
+    data = tiny_data()
+    model = mc.ConvNet(3, 10, 16, width=4, batchnorm=True)
+    ends = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = mc.ConvNet(3, 10, 16, width=4, batchnorm=True)
+        mc.train_endpoint(m, data.train_x, data.train_y, 2, 64, 0.05, 5e-4, 2, seed, log=lambda s: None)
+        ends.append(m.state_dict())
+    w1, w2 = ends
+    metrics, _ = mc.sweep(model, {"line": ([w1, w2], mc.bezier_coeffs)}, [0.0, 0.5, 1.0], data, 128, bn_images=300,
+                          log=lambda s: None)
+    for end, w in ((0, w1), (-1, w2)):
+        expected = mc.evaluate(model, mc.recompute_bn(model, w, data.train_x[:300]), data.test_x, data.test_y)
+        assert metrics["line"]["test_acc"][end] == expected[1]
+        assert metrics["line"]["test_loss"][end] == pytest.approx(expected[0], rel=1e-6)
+    naive, _ = mc.sweep(model, {"line": ([w1, w2], mc.bezier_coeffs)}, [0.0, 0.5, 1.0], data, 128, bn_images=0,
+                        log=lambda s: None)
+    assert naive["line"]["test_acc"][0] == mc.evaluate(model, w1, data.test_x, data.test_y)[1]  # its own statistics
+    with pytest.raises(ValueError, match="no running statistics for BatchNorm bn1"):
+        mc.evaluate(model, dict(model.named_parameters()), data.test_x, data.test_y)
+
+
+def test_state_dicts_are_accepted_and_bad_dicts_named():
+    data = tiny_data()
+    model = mc.ConvNet(3, 10, 16, width=4, batchnorm=True)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    w1, w2 = (mc.ConvNet(3, 10, 16, width=4, batchnorm=True).state_dict() for _ in range(2))
+    points, _ = mc.train_curve(model, w1, w2, data.train_x[:128], data.train_y[:128], epochs=1, batch_size=64,
+                               log=lambda s: None)
+    assert set(points[1]) == {k for k, _ in model.named_parameters()}  # statistics are never trained or interpolated
+    assert all(torch.equal(points[0][k], w1[k]) and torch.equal(points[2][k], w2[k]) for k in points[1])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())  # the model's statistics untouched
+    snaps, _ = mc.fge_snapshots(model, w1, data.train_x[:128], data.train_y[:128], cycles=1, cycle_epochs=1,
+                                batch_size=64, log=lambda s: None)
+    assert snaps[0].keys() == w1.keys()
+    assert mc.match_weights(w1, w2).keys() == w2.keys()
+    missing = {k: v for k, v in w1.items() if k != "fc2.bias"}
+    with pytest.raises(ValueError, match="fc2.bias is missing"):
+        mc.train_curve(model, missing, w2, data.train_x, data.train_y, epochs=1, log=lambda s: None)
+    other = mc.ConvNet(3, 10, 16, width=8).state_dict()
+    with pytest.raises(ValueError, match=r"conv1.weight is of shape \(8, 3, 3, 3\)"):
+        mc.fge_snapshots(model, other, data.train_x, data.train_y, cycles=1, log=lambda s: None)
+
+
+def test_match_weights_on_a_batchnorm_chain_keeps_the_function_and_undoes_a_permutation():
+    model = vgg_bn().eval()
+    x = torch.randn(5, 3, 16, 16)
+    chain = mc.permutation_chain(model, x)
+    assert chain == [("0", "1"), ("4", "5"), ("10", "11"), ("13", None)]
+    w = model.state_dict()
+    gen = torch.Generator().manual_seed(3)
+    perms = {layer: torch.randperm(w[f"{layer}.weight"].shape[0], generator=gen) for layer, _ in chain[:-1]}
+    shuffled = mc.permute_units(w, perms, chain)
+    assert not torch.equal(shuffled["5.running_mean"], w["5.running_mean"])  # buffers move with their units
+    assert torch.allclose(functional_call(model, shuffled, (x,)), model(x), atol=1e-5)
+    matched = mc.match_weights(w, shuffled, chain)
+    assert matched.keys() == w.keys() and all(torch.equal(matched[k], w[k]) for k in w)
+    other = vgg_bn(seed=1).state_dict()
+    aligned = mc.match_weights(w, other, chain)
+    assert torch.allclose(functional_call(model, aligned, (x,)), functional_call(model, other, (x,)), atol=1e-5)
+
+
+def test_permutation_chain_refuses_a_resnet():
+    import torchvision
+    model = torchvision.models.resnet18(num_classes=10)
+    with pytest.raises(ValueError, match="ResNet is not a plain chain"):
+        mc.permutation_chain(model, torch.randn(2, 3, 32, 32))
+    assert model.training  # the model's mode is restored
 
 
 # ── 12. Command line: a whole run, resume, determinism, bad input ────────────────────────────────
