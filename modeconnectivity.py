@@ -9,8 +9,7 @@ fast ensembles (FGE, simplexes) and draws the loss in the plane of w1, w2, theta
     python modeconnectivity.py --dataset cifar10               # downloads CIFAR-10 into --data-dir
     python modeconnectivity.py --dataset folder --data-dir data/cifar10-jpeg   # any ImageFolder copy
 
-A run writes results.json, three PNG figures and the checkpoints --resume reuses to --out. On CIFAR-10 (JPEG
-copy, README.md) the test-error barrier was 71.98 points on the line, 5.64 on the aligned line, 0.20 on the curve.
+A run writes results.json, three PNG figures and the checkpoints --resume reuses to --out (README.md: results).
 """
 import argparse
 import copy
@@ -80,7 +79,6 @@ def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0)
         x = augment(x, max(1, size // 8), gen) * (0.5 + torch.rand(n, 1, 1, 1, generator=gen))
         x = x + 0.8 * torch.randn(x.shape, generator=gen)
         return (x * 40 + 128).clamp(0, 255).to(torch.uint8), y
-
     return (*sample(n_train), *sample(n_test), [f"class{k}" for k in range(num_classes)])
 
 
@@ -88,7 +86,6 @@ def read_folder(root):
     """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors."""
     import numpy as np
     from PIL import Image  # Pillow comes with torchvision
-
     root, out = Path(root), []
     for half in ("train", "test"):
         if not (root / half).is_dir():
@@ -182,9 +179,7 @@ class ConvNet(nn.Module):
 def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
     """One-cycle schedule: linear from 0 to peak_lr over the first `warmup` of the steps, then down to 0."""
     frac = (step + 1) / max(1, total_steps)
-    if frac < warmup:
-        return peak_lr * (frac / warmup)
-    return peak_lr * ((1 - frac) / (1 - warmup))
+    return peak_lr * (frac / warmup if frac < warmup else (1 - frac) / (1 - warmup))
 
 
 def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name):
@@ -196,8 +191,7 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
     for epoch in range(epochs):
         t0, loss_sum, correct = time.perf_counter(), 0.0, 0
         perm = torch.randperm(len(x), generator=gen, device=x.device)
-        for i in range(steps):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+        for i, idx in enumerate(perm[:steps * batch_size].split(batch_size)):
             xb, yb = x[idx], y[idx]
             if augment_pad:
                 xb = augment(xb, augment_pad, gen)
@@ -269,6 +263,7 @@ def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay
                  regulariser=None):
     """Shared loop: per batch c = draw(gen), step L(phi) + wd/2 ||phi||^2 (+ regulariser), phi = sum_j c_j P_j."""
     gen = torch.Generator().manual_seed(seed + 12345)
+    buffers = detached(dict(model.named_buffers()))  # BatchNorm updates these copies, not the model's own
 
     def forward(xb):
         phi = curve_point(points, draw(gen))
@@ -277,8 +272,6 @@ def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay
         if regulariser is not None:
             penalty = penalty + regulariser(points)
         return functional_call(model, {**buffers, **phi}, (xb,)), penalty
-
-    buffers = detached(dict(model.named_buffers()))  # BatchNorm updates these copies, not the model's own
     model.train()
     params = [p for point in points for p in point.values() if isinstance(p, nn.Parameter)]
     return sgd_epochs(params, forward, x, y, epochs, batch_size, lambda step, total: one_cycle_lr(step, total, lr),
@@ -324,8 +317,7 @@ def batchnorms(model):
 
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256):
-    """params plus each BatchNorm's running mean and variance at these weights: reset, then the cumulative average
-    of the batch statistics over one pass of x in training mode, dropout off. Without BatchNorm: params itself."""
+    """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
     norms = batchnorms(probe)
     if not norms:
@@ -365,26 +357,24 @@ def progress(log, name, done, total, start):
 
 
 def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, log=print):
-    """Per path (points, coeffs) and t: returns (metrics: train/test loss and accuracy, test log-probs (T, N, C)).
-    BatchNorm statistics are recomputed at each point on the first bn_images training images (0: interpolated)."""
+    """Per path (points, coeffs) and t: train/test loss and accuracy, and test log-probs (T, N, C)."""
     n_train = min(eval_train, len(data.train_x))
     splits = {"train": (data.train_x[:n_train], data.train_y[:n_train]), "test": (data.test_x, data.test_y)}
     metrics, test_log_probs, start = {}, {}, time.perf_counter()
     for p, (path, (points, coeffs)) in enumerate(paths.items()):
         metrics[path] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-        log_probs = []
+        test_log_probs[path] = []
         for i, t in enumerate(ts):
             phi = curve_point(points, coeffs(t, len(points)))
-            if bn_images > 0:
+            if bn_images > 0:  # BatchNorm statistics recomputed at each point; 0: interpolated ones
                 phi = recompute_bn(model, phi, data.train_x[:bn_images], batch_size)
             for split, (xs, ys) in splits.items():
                 loss, acc, lp = evaluate(model, phi, xs, ys, batch_size)
                 metrics[path][f"{split}_loss"].append(loss)
                 metrics[path][f"{split}_acc"].append(acc)
-            log_probs.append(lp)  # the test split's, for the ensembles
+            test_log_probs[path].append(lp)  # the test split's, for the ensembles
             progress(log, f"sweep ({path}, t = {t:.2f})", p * len(ts) + i + 1, len(paths) * len(ts), start)
-        test_log_probs[path] = torch.stack(log_probs)
-    return metrics, test_log_probs
+    return metrics, {path: torch.stack(lps) for path, lps in test_log_probs.items()}
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
@@ -478,25 +468,21 @@ def convnet_chain(params):
 
 
 def permute_units(params, perms, chain=None):
-    """The same function with hidden units reordered: rows [p] of each layer in perms and of its BatchNorm's
-    tensors, input columns [:, p] of the next layer (in blocks after a flattened convolution). chain: ConvNet's."""
-    chain = chain or convnet_chain(params)
+    """The same function, hidden units reordered: rows [p] of a layer and its BatchNorm, columns [:, p] of the next."""
+    chain = chain or convnet_chain(params)  # permutation_chain(model, x) for other networks
     following = {layer: nxt for (layer, _), (nxt, _) in zip(chain, chain[1:])}
     out = dict(params)
+    kinds = ("weight", "bias", "running_mean", "running_var")  # the tensors with one entry per unit
     for layer, p in perms.items():
-        prefixes = [layer, dict(chain)[layer]]
-        for key in [f"{prefix}.{kind}" for prefix in prefixes for kind in ("weight", "bias", "running_mean",
-                                                                             "running_var")]:
-            if key in out:
-                out[key] = out[key][p]
+        own = [f"{prefix}.{kind}" for prefix in (layer, dict(chain)[layer]) for kind in kinds]
+        out.update({key: out[key][p] for key in own if key in out})
         nxt = out[f"{following[layer]}.weight"]  # (out, units, ...) or (out, units * H * W) after flattening
         out[f"{following[layer]}.weight"] = nxt.reshape(nxt.shape[0], len(p), -1)[:, p].reshape(nxt.shape)
     return {k: torch.empty_like(params[k]).copy_(v) for k, v in out.items()}  # keep each tensor's memory layout
 
 
 def permutation_chain(model, x):
-    """[(layer, batchnorm or None)] in forward order: each Conv2d or Linear with the BatchNorm that normalises its
-    output. Checked on the batch x: permuting hidden units must keep the outputs, else ValueError."""
+    """[(Conv2d or Linear, its BatchNorm or None)] in forward order; ValueError if permuting units changes model(x)."""
     probe = copy.deepcopy(model).eval()  # hooks and eval mode on a copy: the model stays as it was
     order = []
     for name, m in probe.named_modules():
@@ -504,7 +490,7 @@ def permutation_chain(model, x):
             m.register_forward_hook(lambda m, i, o, name=name: order.append(name))
     with torch.no_grad():
         before = probe(x)
-    chain, each_once = [], len(set(order)) == len(order)  # a layer used twice shares its units with itself
+    chain = []
     for name in order:
         if not isinstance(dict(probe.named_modules())[name], nn.modules.batchnorm._BatchNorm):
             chain.append((name, None))
@@ -515,21 +501,19 @@ def permutation_chain(model, x):
     perms = {layer: torch.randperm(state[f"{layer}.weight"].shape[0], generator=gen) for layer, _ in chain[:-1]}
     try:
         after = functional_call(probe, permute_units(state, perms, chain), (x,))
-        plain = each_once and len(chain) > 1 and torch.allclose(after, before, atol=1e-4 * before.abs().max())
+        plain = len(chain) > 1 and torch.allclose(after, before, atol=1e-4 * before.abs().max())
     except (RuntimeError, KeyError):  # a next layer that does not read this layer's units
         plain = False
     if not plain:
-        raise ValueError(f"permutation_chain: {type(model).__name__} is not a plain chain (permuting its hidden units "
-                         f"changes its outputs, e.g. through residual connections); alignment supports Conv2d and "
-                         f"Linear layers, each feeding only the next, with BatchNorm, activations, pooling between")
+        raise ValueError(f"permutation_chain: {type(model).__name__} is not a plain chain: permuting its hidden units "
+                         f"changes its outputs (residual connections?); alignment needs each layer to feed the next")
     return chain
 
 
 def match_weights(w1, w2, chain=None, max_rounds=100):
-    """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, one linear assignment per layer per round.
-    chain: permutation_chain(model, x) (None: this file's ConvNet). Buffers of a state_dict move with their units."""
+    """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, by linear assignments layer by layer."""
     from scipy.optimize import linear_sum_assignment
-    chain = chain or convnet_chain(w1)
+    chain = chain or convnet_chain(w1)  # permutation_chain(model, x) for other networks
     following = {layer: nxt for (layer, _), (nxt, _) in zip(chain, chain[1:])}
     hidden = {layer: norm for layer, norm in chain[:-1]}
 
@@ -539,7 +523,6 @@ def match_weights(w1, w2, chain=None, max_rounds=100):
                for kind in ("weight", "bias") if f"{prefix}.{kind}" in params]
         nxt = params[f"{following[layer]}.weight"]
         return torch.cat([*own, nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)], 1)
-
     perms = {layer: torch.arange(w2[f"{layer}.weight"].shape[0], device=w2[f"{layer}.weight"].device)
              for layer in hidden}
     for _ in range(max_rounds):
@@ -555,8 +538,7 @@ def match_weights(w1, w2, chain=None, max_rounds=100):
 
 
 def layerwise_barriers(model, w1, targets, ts, data, eval_train, chain=None, bn_images=2000, log=print):
-    """Barriers when one layer (with its BatchNorm) alone moves, (1-t) w1 + t targets[path]; [path][layer] also has
-    the error at t = 1. chain: permutation_chain(model, x) (None: this file's ConvNet)."""
+    """Barriers [path][layer] when one layer (and its BatchNorm) alone moves from w1 to targets[path], error at t=1."""
     paths = {}
     for path, target in targets.items():
         for layer, norm in chain or convnet_chain(w1):
@@ -602,8 +584,7 @@ def plane_coords(w, origin, e1, e2):
 
 
 def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, log=print):
-    """Test loss at origin + a e1 + b e2 for every (a, b) in coords x coords; returns rows b, columns a.
-    With BatchNorm, its statistics are recomputed at every point on the training images bn_x."""
+    """Test loss at origin + a e1 + b e2 for (a, b) in coords x coords (rows b); BatchNorm statistics from bn_x."""
     rows, start = [], time.perf_counter()
     for b in coords:
         points = [curve_point([origin, e1, e2], [1, a, b]) for a in coords]
@@ -725,13 +706,12 @@ class Stages:
 
     def run(self, name, compute):
         """compute() -> dict with "images" (how many went through the network); reused when resuming."""
-        if name in self.saved:
+        result = self.saved.get(name)
+        if result is not None:
             self.log(f"resume: reusing {self.paths[name]}")
-            result = self.saved[name]
         else:
             t0 = time.perf_counter()
-            result = compute()
-            result["seconds"] = time.perf_counter() - t0
+            result = {**compute(), "seconds": time.perf_counter() - t0}
             write_atomic(self.paths[name], lambda tmp: torch.save({"meta": self.metas[name], "result": result}, tmp))
         self.timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
         return result
@@ -848,6 +828,11 @@ def new_model(data, width, seed, device, batchnorm=False):
     return model.to(device, memory_format=torch.channels_last)
 
 
+def trained(result, history, name):
+    """A training stage's checkpoint: its result under `name`, the history and the images it went through."""
+    return {name: result, "history": history, "images": sum(h["images"] for h in history)}
+
+
 def endpoints_stage(args, data, pad, log):
     """Both endpoints: one training function, seeds args.seed and args.seed + 1."""
     states, history = [], []
@@ -856,13 +841,7 @@ def endpoints_stage(args, data, pad, log):
         history += train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size, args.lr, args.wd,
                                   pad, seed, log)
         states.append(detached(model.state_dict()))  # with BatchNorm: its running statistics too
-    return {"states": states, "history": history, "images": sum(h["images"] for h in history)}
-
-
-def curve_stage(args, model, w1, w2, data, pad, log):
-    points, history = train_curve(model, w1, w2, data.train_x, data.train_y, COEFFS[args.curve], args.bends,
-                                  args.curve_epochs, args.batch_size, args.curve_lr, args.wd, pad, args.seed + 2, log)
-    return {"points": points, "history": history, "images": sum(h["images"] for h in history)}
+    return trained(states, history, "states")
 
 
 def sweep_stage(args, model, paths, ts, data, log):
@@ -890,9 +869,8 @@ def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
                                           args.simplex_lambda, pad, args.seed + 4, log)
         gen = torch.Generator().manual_seed(args.seed + 5)
         members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(args.simplex_samples)]
-    bn_x = data.train_x[:args.bn_images]  # with BatchNorm, each member's statistics are recomputed on these
-    log_probs = torch.stack([evaluate(model, recompute_bn(model, w, bn_x), data.test_x, data.test_y)[2]
-                             for w in members])
+    with_stats = [recompute_bn(model, w, data.train_x[:args.bn_images]) for w in members]  # if it has BatchNorm
+    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y)[2] for w in with_stats])
     return {"epochs": len(history), "members": members, "log_probs": log_probs,
             "history": history, "images": sum(h["images"] for h in history) + len(members) * len(data.test_x)}
 
@@ -976,15 +954,16 @@ def run(args, log=print):
     model = new_model(data, args.width, args.seed + 2, device, args.batchnorm)  # functional_call gives its weights
     aligned = match_weights(w1, w2)  # w2 with its hidden units reordered to match w1's: the same function
     far = aligned if args.align_curve else w2
-    points = stages.run("curve", lambda: curve_stage(args, model, w1, far, data, pad, log))["points"]
+    train = lambda: train_curve(model, w1, far, data.train_x, data.train_y, COEFFS[args.curve], args.bends,
+                                args.curve_epochs, args.batch_size, args.curve_lr, args.wd, pad, args.seed + 2, log)
+    points = stages.run("curve", lambda: trained(*train(), "points"))["points"]
     paths = {"curve": (points, COEFFS[args.curve]), "line": ([w1, w2], bezier_coeffs),
              "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]
     sw = stages.run("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
-    fast = {}
-    for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)):
-        if size > 0:  # 0 cycles or vertices: skip it
-            fast[kind] = stages.run(kind, lambda: fast_ensemble_stage(args, kind, model, w1, data, pad, log))
+    sizes = {"fge": args.fge_cycles, "simplex": args.simplex_vertices}  # 0 cycles or vertices: skip it
+    fast = {kind: stages.run(kind, lambda: fast_ensemble_stage(args, kind, model, w1, data, pad, log))
+            for kind, size in sizes.items() if size > 0}
     ens = ensemble_stage(args, sw["log_probs"]["curve"], fast, data.test_y)
     pairs = {path: pair_along_t(lp, data.test_y) for path, lp in sw["log_probs"].items()}
     targets = {"line": w2, "aligned": aligned}

@@ -202,6 +202,18 @@ def test_train_curve_moves_only_the_middle_and_lowers_the_midpoint_loss(trained)
     assert after < before - 0.5 * (before - end_loss)  # ... and the curve's closes at least half of that gap
 
 
+def test_aligned_curve_starts_at_w1_and_ends_at_w2s_function(trained):
+    data, model, (w1, w2) = trained
+    aligned = mc.match_weights(w1, w2)
+    assert any(not torch.equal(aligned[k], w2[k]) for k in w2)  # other weights ...
+    points, _ = mc.train_curve(model, w1, aligned, data.train_x[:128], data.train_y[:128], epochs=1, batch_size=32,
+                               log=lambda s: None)
+    assert all(torch.equal(points[0][k], w1[k]) for k in w1)
+    model.eval()
+    x = data.test_x[:32]  # ... the same function
+    assert torch.allclose(functional_call(model, points[-1], (x,)), functional_call(model, w2, (x,)), atol=1e-4)
+
+
 def test_chain_rule_and_only_middle_points_trained(trained):
     data, model, (w1, w2) = trained
     theta = {k: ((w1[k] + w2[k]) / 2).requires_grad_() for k in w1}
@@ -606,6 +618,35 @@ def test_resume_reuses_what_matches_and_recomputes_the_same(tiny_run, tmp_path, 
         assert f"reusing {checkpoint(tmp_path, stage)}" in log
     assert len(finer["sweep"]["t"]) == 5 and finer["endpoints"] == first["endpoints"]
     assert len(list(tmp_path.glob("sweep-*.pt"))) == 2 and len(list(tmp_path.glob("landscape-*.pt"))) == 2
+
+
+def test_aligned_and_plain_curves_are_never_reused_for_each_other(tiny_run, tmp_path, capsys):
+    out, first = tiny_run
+    for ckpt in out.glob("*.pt"):
+        (tmp_path / ckpt.name).write_bytes(ckpt.read_bytes())
+    capsys.readouterr()
+    aligned = mc.main(TINY + ["--out", str(tmp_path), "--resume", "--align-curve"])
+    log = capsys.readouterr().out
+    assert f"reusing {checkpoint(tmp_path, 'endpoints')}" in log and "curve epoch 1/10" in log  # trained anew
+    assert not re.search(r"reusing \S*(curve|sweep|landscape)-", log)  # nothing that depends on the curve
+    assert aligned["config"]["align_curve"] is True and first["config"]["align_curve"] is False
+    assert list(aligned["landscape"]["marks"]) == ["w1", "aligned w2", "theta"]
+    assert len(list(tmp_path.glob("curve-*.pt"))) == 2
+    assert mc.main(TINY + ["--out", str(tmp_path), "--resume"])["sweep"] == first["sweep"]  # the plain one again
+
+
+def test_batchnorm_run_writes_recomputed_and_interpolated_barriers(tmp_path):
+    results = mc.main(TINY + ["--out", str(tmp_path), "--batchnorm", "--bn-images", "200", "--fge-cycles", "1",
+                              "--threads", "1"])
+    assert results["config"]["batchnorm"] and results["versions"]["threads"] == 1
+    assert set(results["barrier"]) == {"curve", "line", "aligned", "line_interpolated_bn", "aligned_interpolated_bn"}
+    model = mc.ConvNet(3, 10, 32, width=4, batchnorm=True)
+    ends = torch.load(checkpoint(tmp_path, "endpoints"), weights_only=True)["result"]["states"]
+    assert "bn1.running_mean" in ends[0]  # endpoints keep their own statistics ...
+    data = mc.load_data("synthetic", None, "cpu", 512, 128, seed=0)
+    w1 = mc.recompute_bn(model, ends[0], data.train_x[:200])  # ... the sweep recomputes them
+    assert results["endpoints"][0]["test_acc"] == mc.evaluate(model, w1, data.test_x, data.test_y)[1]
+    assert results["efficiency"]["sweep_point_bn_vs_plain_seconds"] > 1
 
 
 def run_cli(args, capsys):
