@@ -1,15 +1,12 @@
-"""Mode connectivity in neural-network loss landscapes, in one readable file.
+"""Mode connectivity in neural-network loss landscapes, in one readable file (tutorial.md explains it).
 
-Garipov et al. (2018): two networks w1, w2 trained from different seeds are joined by a curve phi(t) of
-low loss, while the straight line between them crosses a ridge. This file trains both, a Bezier curve or
-polygonal chain between them, walks along the curve, the line and the line after aligning neurons, builds
-fast ensembles (FGE, simplexes) and draws the loss in the plane of w1, w2, theta, as tutorial.md explains.
+Two networks w1, w2 trained from different seeds are joined by a curve phi(t) of low loss, while the straight line
+between them crosses a ridge (Garipov et al. 2018). This file trains both, a Bezier curve or polygonal chain between
+them, sweeps the curve, the line and the line after aligning neurons, builds fast ensembles (FGE, simplexes) and
+draws the loss in the plane of w1, w2 and the bend theta. Results, runtimes and the torch version: README.md.
 
-    python modeconnectivity.py --dataset synthetic --quick     # offline first look, about 30 s here
-    python modeconnectivity.py --dataset cifar10               # downloads CIFAR-10 into --data-dir
-    python modeconnectivity.py --dataset folder --data-dir data/cifar10-jpeg   # any ImageFolder copy
-
-A run writes results.json, three PNG figures and the checkpoints --resume reuses to --out (README.md: results).
+    python modeconnectivity.py --dataset synthetic --quick   # offline first look, under a minute on 2 CPU cores
+    python modeconnectivity.py --dataset cifar10             # the default recipe: over two hours on 2 CPU cores
 """
 import argparse
 import copy
@@ -25,6 +22,7 @@ import timeit
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,12 +82,11 @@ def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0)
 
 def read_folder(root):
     """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors."""
-    import numpy as np
     from PIL import Image  # Pillow comes with torchvision
     root, out = Path(root), []
-    for half in ("train", "test"):
-        if not (root / half).is_dir():
-            raise ValueError(f"--data-dir {root}: no {half}/ folder; expected {root}/{half}/<class>/<image>")
+    missing = [half for half in ("train", "test") if not (root / half).is_dir()]
+    if missing:
+        raise ValueError(f"--data-dir {root}: no {missing[0]}/ folder; expected {root}/{missing[0]}/<class>/<image>")
     classes, test_classes = (sorted(p.name for p in (root / h).iterdir() if p.is_dir()) for h in ("train", "test"))
     if classes != test_classes:
         raise ValueError(f"--data-dir {root}: train/ has classes {classes} but test/ has {test_classes}")
@@ -192,9 +189,8 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
         t0, loss_sum, correct = time.perf_counter(), 0.0, 0
         perm = torch.randperm(len(x), generator=gen, device=x.device)
         for i, idx in enumerate(perm[:steps * batch_size].split(batch_size)):
-            xb, yb = x[idx], y[idx]
-            if augment_pad:
-                xb = augment(xb, augment_pad, gen)
+            xb = augment(x[idx], augment_pad, gen) if augment_pad else x[idx]
+            yb = y[idx]
             opt.param_groups[0]["lr"] = lr_at(epoch * steps + i, epochs * steps)
             logits, penalty = forward(xb)
             loss = F.cross_entropy(logits, yb)
@@ -245,9 +241,8 @@ def curve_point(points, coeffs):
     """phi = sum_k c_k P_k, tensor by tensor, for control points P_k given as dicts name -> tensor."""
     if len(points) < 2 or len(points) != len(coeffs):
         raise ValueError(f"{len(points)} control points, {len(coeffs)} coefficients: need as many, at least 2")
-    for p in points[1:]:
-        if p.keys() != points[0].keys() or any(p[k].shape != v.shape for k, v in points[0].items()):
-            raise ValueError("control points differ in their tensor names or shapes; they must describe one network")
+    if any(p.keys() != points[0].keys() or any(p[k].shape != v.shape for k, v in points[0].items()) for p in points):
+        raise ValueError("control points differ in their tensor names or shapes; they must describe one network")
     # empty_like(p0).copy_ keeps p0's memory layout (channels_last), in which convolutions ran up to 1.5x faster
     return {name: torch.empty_like(p0).copy_(sum(c * p[name] for c, p in zip(coeffs, points) if c != 0))
             for name, p0 in points[0].items()}
@@ -296,11 +291,10 @@ def parameters_of(model, weights):
 def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, batch_size=128, lr=0.05,
                 weight_decay=5e-4, augment_pad=4, seed=0, log=print):
     """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the middle points; returns (points, history)."""
-    n = bends + 2
     w1, w2 = detached(parameters_of(model, w1)), detached(parameters_of(model, w2))
-    middle = [{k: nn.Parameter(w1[k] + i / (n - 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, n - 1)]
+    middle = [{k: nn.Parameter(w1[k] + i / (bends + 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, bends + 1)]
     points = [w1, *middle, w2]
-    draw_t = lambda gen: coeffs(torch.rand((), generator=gen).item(), n)  # one t ~ U(0, 1) per batch
+    draw_t = lambda gen: coeffs(torch.rand((), generator=gen).item(), len(points))  # one t ~ U(0, 1) per batch
     history = train_points(model, points, draw_t, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed,
                            log, "curve")
     return [detached(p) for p in points], history
@@ -337,8 +331,7 @@ def evaluate(model, params, x, y, batch_size=256):
     """Mean cross-entropy (nats), accuracy and log-probabilities (N, classes) of weights `params`."""
     for name in batchnorms(model):
         if f"{name}.running_mean" not in params:  # the model object's statistics belong to other weights
-            raise ValueError(f"evaluate: the weights hold no running statistics for BatchNorm {name}; "
-                             f"pass recompute_bn(model, weights, train_x) or a whole state_dict")
+            raise ValueError(f"evaluate: no running statistics for BatchNorm {name}; use recompute_bn or a state_dict")
     model.eval()
     log_probs = torch.cat([F.log_softmax(functional_call(model, params, (x[i:i + batch_size],)), 1)
                            for i in range(0, len(x), batch_size)])  # (N, classes)
@@ -358,22 +351,20 @@ def progress(log, name, done, total, start):
 
 def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, log=print):
     """Per path (points, coeffs) and t: train/test loss and accuracy, and test log-probs (T, N, C)."""
-    n_train = min(eval_train, len(data.train_x))
-    splits = {"train": (data.train_x[:n_train], data.train_y[:n_train]), "test": (data.test_x, data.test_y)}
-    metrics, test_log_probs, start = {}, {}, time.perf_counter()
-    for p, (path, (points, coeffs)) in enumerate(paths.items()):
-        metrics[path] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-        test_log_probs[path] = []
-        for i, t in enumerate(ts):
-            phi = curve_point(points, coeffs(t, len(points)))
-            if bn_images > 0:  # BatchNorm statistics recomputed at each point; 0: interpolated ones
-                phi = recompute_bn(model, phi, data.train_x[:bn_images], batch_size)
-            for split, (xs, ys) in splits.items():
-                loss, acc, lp = evaluate(model, phi, xs, ys, batch_size)
-                metrics[path][f"{split}_loss"].append(loss)
-                metrics[path][f"{split}_acc"].append(acc)
-            test_log_probs[path].append(lp)  # the test split's, for the ensembles
-            progress(log, f"sweep ({path}, t = {t:.2f})", p * len(ts) + i + 1, len(paths) * len(ts), start)
+    splits = {"train": (data.train_x[:eval_train], data.train_y[:eval_train]), "test": (data.test_x, data.test_y)}
+    metrics = {path: {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []} for path in paths}
+    test_log_probs, start = {path: [] for path in paths}, time.perf_counter()
+    for i, (path, t) in enumerate([(path, t) for path in paths for t in ts]):
+        points, coeffs = paths[path]
+        phi = curve_point(points, coeffs(t, len(points)))
+        if bn_images > 0:  # BatchNorm statistics recomputed at each point; 0: interpolated ones
+            phi = recompute_bn(model, phi, data.train_x[:bn_images], batch_size)
+        for split, (xs, ys) in splits.items():
+            loss, acc, lp = evaluate(model, phi, xs, ys, batch_size)
+            metrics[path][f"{split}_loss"].append(loss)
+            metrics[path][f"{split}_acc"].append(acc)
+        test_log_probs[path].append(lp)  # the test split's, for the ensembles
+        progress(log, f"sweep ({path}, t = {t:.2f})", i + 1, len(paths) * len(ts), start)
     return metrics, {path: torch.stack(lps) for path, lps in test_log_probs.items()}
 
 
@@ -390,8 +381,7 @@ def ensemble_metrics(log_probs, y, bins=15):
     per_item = torch.stack([torch.ones_like(conf), correct, conf, correct - conf], 1)  # (N, 4)
     count, right, sure, gap = torch.zeros(bins, 4, device=y.device).index_add_(0, b, per_item).T  # sums per bin
     ece = (gap.abs().sum() / len(y)).item()  # sum over bins of (share of items) x |accuracy - confidence|
-    filled = count > 0
-    reliability = {"confidence": (sure / count)[filled].tolist(), "accuracy": (right / count)[filled].tolist()}
+    reliability = {"confidence": (sure / count)[count > 0].tolist(), "accuracy": (right / count)[count > 0].tolist()}
     return {"acc": correct.mean().item(), "nll": nll, "ece": ece, "reliability": reliability}
 
 
@@ -515,7 +505,7 @@ def match_weights(w1, w2, chain=None, max_rounds=100):
     from scipy.optimize import linear_sum_assignment
     chain = chain or convnet_chain(w1)  # permutation_chain(model, x) for other networks
     following = {layer: nxt for (layer, _), (nxt, _) in zip(chain, chain[1:])}
-    hidden = {layer: norm for layer, norm in chain[:-1]}
+    hidden = dict(chain[:-1])  # layer -> its BatchNorm or None
 
     def unit_features(params, layer):  # (units, features): incoming weights, bias, BatchNorm scale and shift, outgoing
         n = params[f"{layer}.weight"].shape[0]
@@ -523,8 +513,7 @@ def match_weights(w1, w2, chain=None, max_rounds=100):
                for kind in ("weight", "bias") if f"{prefix}.{kind}" in params]
         nxt = params[f"{following[layer]}.weight"]
         return torch.cat([*own, nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)], 1)
-    perms = {layer: torch.arange(w2[f"{layer}.weight"].shape[0], device=w2[f"{layer}.weight"].device)
-             for layer in hidden}
+    perms = {layer: torch.arange(len(w2[f"{layer}.weight"]), device=w2[f"{layer}.weight"].device) for layer in hidden}
     for _ in range(max_rounds):
         previous = dict(perms)
         for layer in hidden:
@@ -562,17 +551,9 @@ def dot(p, q):
     return sum((p[k] * q[k]).sum() for k in p).item()
 
 
-def plane_axes(w1, w2, theta, plane="squeezed"):
-    """Plane o + a e1 + b e2. squeezed: o = theta, e_i = w_i - theta; orthonormal: o = w1, e1 = w2 - w1, e2 to theta."""
-    if plane == "squeezed":
-        return theta, curve_point([w1, theta], [1, -1]), curve_point([w2, theta], [1, -1])
-    if plane != "orthonormal":
-        raise ValueError(f"--plane {plane}: unknown; choose squeezed or orthonormal")
-    u = curve_point([w2, w1], [1, -1])
-    d = curve_point([theta, w1], [1, -1])
-    v = curve_point([d, u], [1, -dot(d, u) / dot(u, u)])
-    scale = math.sqrt(dot(u, u) / max(dot(v, v), 1e-30))
-    return w1, u, {k: scale * x for k, x in v.items()}
+def plane_axes(w1, w2, theta):
+    """The plane o + a e1 + b e2 through w1, w2, theta: o = theta, e1 = w1 - theta, e2 = w2 - theta."""
+    return theta, curve_point([w1, theta], [1, -1]), curve_point([w2, theta], [1, -1])
 
 
 def plane_coords(w, origin, e1, e2):
@@ -598,86 +579,77 @@ def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, lo
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 11. Plots                                                                                    │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def save_figure(fig, path):
-    """A matplotlib Figure (no pyplot, no window) to PNG through a temporary file: never a half-written image."""
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+def save_figure(axes, path, grid=True, **legend):
+    """Legends (and grids) on the axes, then their Figure to PNG via a temporary file: never a half-written image."""
+    for ax in axes:
+        ax.legend(**legend)
+        if grid:
+            ax.grid(alpha=0.3)
+    write_atomic(path, lambda tmp: axes[0].figure.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
-def plot_landscape(losses, coords, curve_xy, marks, plane, title, path):
+def plot_landscape(losses, coords, curve_xy, marks, title, path):
     """Filled contour of the loss grid (log levels), the curve, the line and marks {name: (a, b)}."""
-    import numpy as np
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
-    fig = Figure(figsize=(6, 5))
-    ax = fig.subplots()
-    cs = ax.contourf(coords, coords, z, levels=np.geomspace(z.min(), z.max(), 24), norm=LogNorm(), cmap="viridis_r")
-    fig.colorbar(cs, ax=ax, label="test loss (nats, log scale)", format="%.2g")
-    ends = list(marks.values())[:2]  # w1 and w2 (or the aligned w2)
-    ax.plot(*zip(*ends), "--", color="white", lw=1.5, label="straight line")  # in the plane
+    ax = Figure(figsize=(6, 5)).subplots()
+    levels = np.geomspace(z.min(), z.max(), 24)
+    cs = ax.contourf(coords, coords, z, levels=levels, norm=LogNorm(), cmap="viridis_r")
+    ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=levels[::3], format="{x:.3g}")
+    ax.plot(*zip(*list(marks.values())[:2]), "--", color="white", lw=1.5, label="straight line")  # w1 to (aligned) w2
     ax.plot(*zip(*curve_xy), "-", color="tab:red", lw=2, label="trained curve")
     for name, xy in marks.items():
         ax.plot(*xy, "o", color="black", ms=6)
         ax.annotate(name, xy, xytext=(6, 6), textcoords="offset points", fontsize=11, weight="bold")
-    ax.set(xlabel="a" if plane == "squeezed" else "along w2 - w1 (units of ||w2 - w1||)",
-           ylabel="b" if plane == "squeezed" else "towards theta (same units)", title=title)
-    ax.legend(loc="upper right", fontsize=8)
-    save_figure(fig, path)
+    ax.set(xlabel="a: the point is theta + a (w1 - theta) + b (w2 - theta)", ylabel="b", title=title)
+    save_figure([ax], path, grid=False, loc="upper right", fontsize=8)
 
 
-PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned": ("^-.", "tab:green"),
-               "line_interpolated_bn": (":", "tab:gray"), "aligned_interpolated_bn": (":", "tab:green")}
+PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned": ("^-.", "tab:green")}
 
 
 def plot_sweep(ts, metrics, layerwise, title, path):
     """Test error and train loss along t on each path, then each layer's test-error barrier (layerwise)."""
-    import numpy as np
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(15, 3.8))
-    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.3})
+    axes = Figure(figsize=(15, 3.8)).subplots(1, 3, gridspec_kw={"wspace": 0.3})
     for name, m in metrics.items():
-        style, color = PATH_STYLES[name]
+        style, color = PATH_STYLES.get(name, (":", PATH_STYLES[name.split("_")[0]][1]))  # *_interpolated_bn: dotted
         axes[0].plot(ts, [100 * (1 - a) for a in m["test_acc"]], style, color=color, label=name)
         axes[1].plot(ts, m["train_loss"], style, color=color, label=name)
     axes[0].set(xlabel="t", ylabel="test error (%)", title=title)
     axes[1].set(xlabel="t", ylabel="train loss (nats)", yscale="log", title="train loss along t")
     layers = list(layerwise["line"])
     for i, (name, barriers) in enumerate(layerwise.items()):
-        axes[2].bar(np.arange(len(layers)) + 0.4 * i, [barriers[layer]["test_error"] for layer in layers], 0.4,
-                    color=PATH_STYLES[name][1], label=name)
+        heights = [100 * barriers[layer]["test_error"] for layer in layers]  # points of test error
+        axes[2].bar(np.arange(len(layers)) + 0.4 * i, heights, 0.4, color=PATH_STYLES[name][1], label=name)
     axes[2].set_xticks(np.arange(len(layers)) + 0.2, layers)
-    axes[2].set(title="layer-wise test-error barrier (one layer moves)")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    axes[2].set(ylabel="test-error barrier (points)", title="one layer moves from w1, the others stay")
+    if all(b["test_error"] <= 0 for barriers in layerwise.values() for b in barriers.values()):  # nothing to draw
+        axes[2].text(0.5, 0.5, "no barrier: each path stays\nbelow its chord", ha="center", transform=axes[2].transAxes)
+    save_figure(axes, path)
 
 
 def plot_ensembles(ts, ens, pairs, title, path):
-    """Accuracy, NLL and ECE of the ensembles against their cost, reliability, and {w1, phi(t)} pairs along t."""
+    """Accuracy of each ensemble against its cost, reliability diagram, and {w1, phi(t)} pairs along t, in percent."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(24, 4))
-    axes = fig.subplots(1, 5, gridspec_kw={"wspace": 0.3})
-    for ax, key, label in zip(axes, ("acc", "nll", "ece"), ("test accuracy", "test NLL (nats)", "ECE")):
-        for name, e in ens.items():
-            ax.plot(e["epochs"], e[key], "o", ms=8)
-            ax.annotate(f"{name} ({e['size']})", (e["epochs"], e[key]), xytext=(5, 4), textcoords="offset points")
-        ax.set(xlabel="training epochs beyond w1", title=f"{title}: {label}" if key == "acc" else label)
+    axes = Figure(figsize=(18, 4.5)).subplots(1, 3, gridspec_kw={"wspace": 0.25})
+    for name, e in ens.items():  # a legend, not labels at the points: points of similar cost would collide
+        label = f"{name}: {e['size']} network(s), NLL {e['nll']:.3f}, ECE {e['ece']:.3f}"
+        axes[0].plot(e["epochs"], 100 * e["acc"], "o", ms=8, label=label)
+    axes[0].set(xlabel="training epochs beyond w1", ylabel="test accuracy (%)", title=f"{title}: ensembles")
     best = max((n for n in ens if n not in ("w1", "w2", "w1+w2")), key=lambda n: ens[n]["acc"])
-    axes[3].plot([0, 1], [0, 1], ":", color="black", lw=1, label="perfect calibration")
+    axes[1].plot([0, 100], [0, 100], ":", color="black", lw=1, label="perfect calibration")
     for name in ("w1", "w1+w2", best):
-        axes[3].plot(ens[name]["reliability"]["confidence"], ens[name]["reliability"]["accuracy"], "o-", label=name)
-    axes[3].set(xlabel="confidence", ylabel="accuracy", title="reliability (bins of confidence)")
-    axes[3].legend(fontsize=8)
+        bins = ens[name]["reliability"]  # mean confidence and accuracy of each non-empty bin
+        axes[1].plot(100 * np.array(bins["confidence"]), 100 * np.array(bins["accuracy"]), "o-", label=name)
+    axes[1].set(xlabel="confidence (%)", ylabel="accuracy (%)", title="reliability (bins of confidence)")
     for name, accs in pairs.items():
-        style, color = PATH_STYLES[name]
-        axes[4].plot(ts, accs, style, color=color, label=f"{{w1, phi(t)}} on the {name}")
-    axes[4].axhline(ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
-    axes[4].set(xlabel="t", ylabel="test accuracy", title="two-model ensemble along t")
-    axes[4].legend(fontsize=7)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    save_figure(fig, path)
+        axes[2].plot(ts, 100 * np.array(accs), PATH_STYLES[name][0], color=PATH_STYLES[name][1],
+                     label=f"{{w1, phi(t)}} on the {name}")
+    axes[2].axhline(100 * ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
+    axes[2].set(xlabel="t", ylabel="test accuracy (%)", title="two-model ensemble along t")
+    save_figure(axes, path, fontsize=8)
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
@@ -687,22 +659,19 @@ class Stages:
     """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt; resume reuses those that match."""
 
     def __init__(self, out, metas, resume, device, log=print):
-        self.metas, self.device, self.log, self.timings = metas, device, log, {}
+        self.metas, self.log, self.timings, self.saved = metas, log, {}, {}
         digest = lambda meta: hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
         self.paths = {name: Path(out) / f"{name}-{digest(meta)}.pt" for name, meta in metas.items()}
-        # loaded now, so that a damaged checkpoint is refused before hours of training, and loaded once
-        self.saved = {name: self.load(name) for name, path in self.paths.items() if resume and path.exists()}
-
-    def load(self, name):
-        """The saved result; ValueError naming the file if it is unreadable or of another configuration."""
-        try:
-            saved = torch.load(self.paths[name], map_location=self.device, weights_only=True)
-            same = saved["meta"] == self.metas[name]
-        except Exception as err:
-            raise ValueError(f"{self.paths[name]}: unreadable checkpoint ({type(err).__name__}); delete it") from None
-        if not same:  # only if copied by hand: the file's name holds the hash of its options
-            raise ValueError(f"{self.paths[name]}: checkpoint of another configuration; delete it")
-        return saved["result"]
+        found = {name: path for name, path in self.paths.items() if resume and path.exists()}
+        for name, path in found.items():  # loaded now: a damaged checkpoint is refused before hours of training
+            try:
+                saved = torch.load(path, map_location=device, weights_only=True)
+                same = saved["meta"] == metas[name]
+            except Exception as err:
+                raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it") from None
+            if not same:  # only if copied by hand: the file's name holds the hash of its options
+                raise ValueError(f"{path}: checkpoint of another configuration; delete it")
+            self.saved[name] = saved["result"]
 
     def run(self, name, compute):
         """compute() -> dict with "images" (how many went through the network); reused when resuming."""
@@ -732,7 +701,7 @@ def number(kind, low, strict=False):
 
 QUICK = {"epochs": 4, "curve_epochs": 12, "batch_size": 64, "train_subset": 4000, "test_subset": 500,
          "eval_train": 500, "points": 11, "grid": 9, "eval_test": 250, "width": 8, "fge_cycles": 2,
-         "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1, "simplex_samples": 4, "layer_points": 3}
+         "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1}
 
 # The options each stage depends on (its own and those of the stages it builds on): they name its checkpoint.
 DATA_OPTIONS = ["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "batchnorm", "epochs",
@@ -740,11 +709,10 @@ DATA_OPTIONS = ["dataset", "data_dir", "train_subset", "test_subset", "seed", "w
 CURVE_OPTIONS = DATA_OPTIONS + ["curve", "bends", "curve_epochs", "curve_lr", "align_curve"]
 STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
                  "sweep": CURVE_OPTIONS + ["points", "eval_train", "bn_images"],
-                 "fge": DATA_OPTIONS + ["fge_cycles", "fge_cycle_epochs", "fge_lr", "fge_lr_low", "bn_images"],
-                 "simplex": DATA_OPTIONS + ["curve_lr", "simplex_vertices", "simplex_epochs", "simplex_lambda",
-                                           "simplex_samples", "bn_images"],
-                 "layerwise": DATA_OPTIONS + ["layer_points", "eval_test", "bn_images"],
-                 "landscape": CURVE_OPTIONS + ["grid", "plane", "eval_test", "bn_images"]}
+                 "fge": DATA_OPTIONS + ["fge_cycles", "fge_cycle_epochs", "fge_lr", "bn_images"],
+                 "simplex": DATA_OPTIONS + ["curve_lr", "simplex_vertices", "simplex_epochs", "bn_images"],
+                 "layerwise": DATA_OPTIONS + ["eval_test", "bn_images"],
+                 "landscape": CURVE_OPTIONS + ["grid", "eval_test", "bn_images"]}
 
 
 def build_parser():
@@ -777,19 +745,14 @@ def build_parser():
     g("--fge-cycles", type=number(int, 0), default=4, help="FGE cycles from w1, one member each (0: skip FGE)")
     g("--fge-cycle-epochs", type=pos_int, default=2, help="epochs per FGE cycle")
     g("--fge-lr", type=pos_float, default=0.01, help="FGE learning rate at mid-cycle (its high point)")
-    g("--fge-lr-low", type=pos_float, default=1e-4, help="FGE learning rate at the end of a cycle (snapshot)")
     g("--simplex-vertices", type=number(int, 0), default=2, help="vertices added to w1 (0: skip the simplex)")
     g("--simplex-epochs", type=pos_int, default=3, help="training epochs per added vertex")
-    g("--simplex-lambda", type=non_neg, default=1e-3, help="weight of -log(volume) in the simplex objective")
-    g("--simplex-samples", type=pos_int, default=8, help="networks sampled from the simplex for its ensemble")
     g = p.add_argument_group("evaluation and landscape").add_argument
     g("--points", type=number(int, 2), default=21, help="evenly spaced t in [0, 1] for the sweep")
     g("--eval-train", type=pos_int, default=10000, help="training images for the train loss along t")
     g("--eval-test", type=pos_int, default=2000, help="images per landscape and layer-wise point (test and train)")
     g("--bn-images", type=pos_int, default=2000, help="training images that recompute BatchNorm statistics per point")
-    g("--layer-points", type=number(int, 2), default=11, help="evenly spaced t for the layer-wise barriers")
     g("--grid", type=number(int, 2), default=21, help="landscape grid lines per axis")
-    g("--plane", default="squeezed", choices=["squeezed", "orthonormal"], help="landscape plane")
     g = p.add_argument_group("run control").add_argument
     g("--out", help="output folder (None: runs/<dataset>-<curve>)")
     g("--label", help="data set name in plot titles (None: --dataset, or the folder name)")
@@ -803,8 +766,7 @@ def build_parser():
 def parse_args(argv):
     """Parse and check the options; every problem ends as ValueError naming the option and the value."""
     parser = build_parser()
-    if parser.parse_args(argv).quick:  # quick values replace the defaults, not the options you gave
-        parser.set_defaults(**QUICK)
+    parser.set_defaults(**(QUICK if parser.parse_args(argv).quick else {}))  # defaults, not the options you gave
     args = parser.parse_args(argv)
     args.curve_lr = args.curve_lr or args.lr
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
@@ -833,13 +795,12 @@ def trained(result, history, name):
     return {name: result, "history": history, "images": sum(h["images"] for h in history)}
 
 
-def endpoints_stage(args, data, pad, log):
-    """Both endpoints: one training function, seeds args.seed and args.seed + 1."""
+def endpoints_stage(args, data, fit):
+    """Both endpoints: one training function, seeds args.seed and args.seed + 1 (fit: what all SGD runs share)."""
     states, history = [], []
     for seed in (args.seed, args.seed + 1):
         model = new_model(data, args.width, seed, data.train_x.device, args.batchnorm)
-        history += train_endpoint(model, data.train_x, data.train_y, args.epochs, args.batch_size, args.lr, args.wd,
-                                  pad, seed, log)
+        history += train_endpoint(model, data.train_x, data.train_y, args.epochs, lr=args.lr, seed=seed, **fit)
         states.append(detached(model.state_dict()))  # with BatchNorm: its running statistics too
     return trained(states, history, "states")
 
@@ -847,28 +808,25 @@ def endpoints_stage(args, data, pad, log):
 def sweep_stage(args, model, paths, ts, data, log):
     """The paths along t; with BatchNorm also the line and aligned line with the endpoints' statistics interpolated."""
     bn_images = min(args.bn_images, len(data.train_x)) if args.batchnorm else 0
+    naive = {f"{path}_interpolated_bn": paths[path] for path in ("line", "aligned") if args.batchnorm}  # the naive view
     metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, bn_images, log=log)
+    metrics.update(sweep(model, naive, ts, data, args.eval_train, bn_images=0, log=log)[0])
     per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)
-    images = len(ts) * (len(paths) * (per_point + bn_images) + 2 * args.batchnorm * per_point)
-    if args.batchnorm:  # what a naive evaluation reports
-        naive = {f"{path}_interpolated_bn": paths[path] for path in ("line", "aligned")}
-        metrics.update(sweep(model, naive, ts, data, args.eval_train, bn_images=0, log=log)[0])
-    return {"metrics": metrics, "log_probs": log_probs, "images": images}
+    return {"metrics": metrics, "log_probs": log_probs,
+            "images": len(ts) * (len(paths) * (per_point + bn_images) + len(naive) * per_point)}
 
 
-def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
+def fast_ensemble_stage(args, kind, model, w1, data, fit):
     """FGE snapshots ("fge") or samples of a simplex grown from w1: members, test log-probabilities, cost."""
     torch.manual_seed(args.seed + (3 if kind == "fge" else 4))  # dropout masks depend on the seed alone
     if kind == "fge":
-        members, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles,
-                                         args.fge_cycle_epochs, args.fge_lr, args.fge_lr_low, args.batch_size,
-                                         args.wd, pad, args.seed + 3, log)
+        members, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles, args.fge_cycle_epochs,
+                                         args.fge_lr, seed=args.seed + 3, **fit)
     else:
         vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, args.simplex_vertices,
-                                          args.simplex_epochs, args.batch_size, args.curve_lr, args.wd,
-                                          args.simplex_lambda, pad, args.seed + 4, log)
-        gen = torch.Generator().manual_seed(args.seed + 5)
-        members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(args.simplex_samples)]
+                                          args.simplex_epochs, lr=args.curve_lr, seed=args.seed + 4, **fit)
+        gen = torch.Generator().manual_seed(args.seed + 5)  # 8 samples, fixed: free of training, a test pass each
+        members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(8)]
     with_stats = [recompute_bn(model, w, data.train_x[:args.bn_images]) for w in members]  # if it has BatchNorm
     log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y)[2] for w in with_stats])
     return {"epochs": len(history), "members": members, "log_probs": log_probs,
@@ -876,7 +834,8 @@ def fast_ensemble_stage(args, kind, model, w1, data, pad, log):
 
 
 def layerwise_stage(args, model, w1, targets, data, log):
-    ts = [i / (args.layer_points - 1) for i in range(args.layer_points)]
+    """Barriers with one layer moving from w1 to each target, on --eval-test train and test images per point."""
+    ts = [i / 10 for i in range(11)]  # t = 0, 0.1, ..., 1 for every run: fixed, unlike the sweep's --points
     n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
     small = data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n])
     result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images * args.batchnorm, log=log)
@@ -887,7 +846,7 @@ def landscape_stage(args, model, points, data, log):
     """Loss on a grid in the plane of w1, w2, theta (phi(0.5) for several bends); the paths' places in it."""
     coeffs, n = COEFFS[args.curve], len(points)
     theta = points[1] if n == 3 else curve_point(points, coeffs(0.5, n))
-    origin, e1, e2 = plane_axes(points[0], points[-1], theta, args.plane)
+    origin, e1, e2 = plane_axes(points[0], points[-1], theta)
     xy = lambda w: plane_coords(w, origin, e1, e2)  # a weight dict's place in the plane
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
     curve_xy = [xy(curve_point(points, coeffs(i / 60, n))) for i in range(61)]
@@ -899,31 +858,21 @@ def landscape_stage(args, model, points, data, log):
             "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
 
 
-def ensemble_stage(args, curve_lp, fast, y):
-    """Every ensemble's accuracy, NLL, ECE, size and training cost in epochs beyond w1; curve_lp (T, N, C) along t."""
-    members = {"w1": (curve_lp[:1], 0), "w2": (curve_lp[-1:], args.epochs), "w1+w2": (curve_lp[[0, -1]], args.epochs),
-               "curve": (curve_lp, args.epochs + args.curve_epochs),
-               **{name: (stage["log_probs"], stage["epochs"]) for name, stage in fast.items()}}  # (log-probs, cost)
-    return {name: {**ensemble_metrics(lp, y), "size": len(lp), "epochs": cost} for name, (lp, cost) in members.items()}
-
-
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
     """results.json: accuracies and errors as fractions in [0, 1], losses in nats, speed ratios in images/s."""
     passes = timeit.repeat(lambda: evaluate(model, w1, data.test_x, data.test_y), number=1, repeat=3)  # seconds
     plain = {"training": timings["endpoints"]["images_per_s"], "inference": len(data.test_x) / sorted(passes)[1]}
-    against = {"curve": "training", "fge": "training", "simplex": "training", "sweep": "inference",
-               "layerwise": "inference", "landscape": "inference"}  # each stage's images/s against plain ones
-    speed = {f"{name}_vs_plain_{kind}": timings[name]["images_per_s"] / plain[kind]
-             for name, kind in against.items() if name in timings}
+    against = {"training": ("curve", "fge", "simplex"), "inference": ("sweep", "layerwise", "landscape")}
+    speed = {f"{name}_vs_plain_{kind}": timings[name]["images_per_s"] / plain[kind]  # each stage against plain ones
+             for kind, names in against.items() for name in names if name in timings}
     if args.batchnorm:  # seconds per point with statistics recomputed against without, from timings in this process
-        bn = timeit.repeat(lambda: recompute_bn(model, w1, data.train_x[:args.bn_images]), number=1, repeat=3)
-        per_point = {"sweep": min(args.eval_train, len(data.train_x)) + len(data.test_x),
-                     "landscape": min(args.eval_test, len(data.test_x))}  # images evaluated per point
-        for name, images in per_point.items():
-            speed[f"{name}_point_bn_vs_plain_seconds"] = 1 + sorted(bn)[1] * plain["inference"] / images
+        bn = sorted(timeit.repeat(lambda: recompute_bn(model, w1, data.train_x[:args.bn_images]), number=1, repeat=3))
+        for name, images in (("sweep", min(args.eval_train, len(data.train_x)) + len(data.test_x)),
+                             ("landscape", min(args.eval_test, len(data.test_x)))):  # images evaluated per point
+            speed[f"{name}_point_bn_vs_plain_seconds"] = 1 + bn[1] * plain["inference"] / images
     barriers = {path: {"train_loss": barrier(m["train_loss"], ts),
                        "test_error": barrier([1 - a for a in m["test_acc"]], ts)} for path, m in metrics.items()}
-    landscape = {"plane": args.plane, "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
+    landscape = {"plane": "squeezed", "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
                  **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "marks")}}
     return {"config": vars(args),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
@@ -938,8 +887,7 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
 def run(args, log=print):
     """The recipe, one call per stage from the data to the figures; writes everything to args.out, returns results."""
     out, device = Path(args.out), torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())  # None: torch's own choice
     metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
     stages = Stages(out, metas, args.resume, device, log)
     t0 = time.perf_counter()
@@ -948,36 +896,37 @@ def run(args, log=print):
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
     pad = 0 if args.no_augment or data.train_x.shape[1] != 3 else 4
-
-    ends = stages.run("endpoints", lambda: endpoints_stage(args, data, pad, log))
-    w1, w2 = ends["states"]
+    fit = {"batch_size": args.batch_size, "weight_decay": args.wd, "augment_pad": pad, "log": log}  # every SGD run's
+    w1, w2 = stages.run("endpoints", lambda: endpoints_stage(args, data, fit))["states"]
     model = new_model(data, args.width, args.seed + 2, device, args.batchnorm)  # functional_call gives its weights
     aligned = match_weights(w1, w2)  # w2 with its hidden units reordered to match w1's: the same function
     far = aligned if args.align_curve else w2
     train = lambda: train_curve(model, w1, far, data.train_x, data.train_y, COEFFS[args.curve], args.bends,
-                                args.curve_epochs, args.batch_size, args.curve_lr, args.wd, pad, args.seed + 2, log)
+                                args.curve_epochs, lr=args.curve_lr, seed=args.seed + 2, **fit)
     points = stages.run("curve", lambda: trained(*train(), "points"))["points"]
     paths = {"curve": (points, COEFFS[args.curve]), "line": ([w1, w2], bezier_coeffs),
              "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]
     sw = stages.run("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
-    sizes = {"fge": args.fge_cycles, "simplex": args.simplex_vertices}  # 0 cycles or vertices: skip it
-    fast = {kind: stages.run(kind, lambda: fast_ensemble_stage(args, kind, model, w1, data, pad, log))
-            for kind, size in sizes.items() if size > 0}
-    ens = ensemble_stage(args, sw["log_probs"]["curve"], fast, data.test_y)
+    fast = {kind: stages.run(kind, lambda: fast_ensemble_stage(args, kind, model, w1, data, fit))  # 0: skip it
+            for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)) if size > 0}
+    curve_lp = sw["log_probs"]["curve"]  # (T, N, C) along t; each ensemble's log-probs, cost in epochs beyond w1:
+    members = {"w1": (curve_lp[:1], 0), "w2": (curve_lp[-1:], args.epochs), "w1+w2": (curve_lp[[0, -1]], args.epochs),
+               "curve": (curve_lp, args.epochs + args.curve_epochs),
+               **{name: (stage["log_probs"], stage["epochs"]) for name, stage in fast.items()}}
+    ens = {name: {**ensemble_metrics(lp, data.test_y), "size": len(lp), "epochs": cost}
+           for name, (lp, cost) in members.items()}
     pairs = {path: pair_along_t(lp, data.test_y) for path, lp in sw["log_probs"].items()}
     targets = {"line": w2, "aligned": aligned}
     layers = stages.run("layerwise", lambda: layerwise_stage(args, model, w1, targets, data, log))["barriers"]
     land = stages.run("landscape", lambda: landscape_stage(args, model, points, data, log))
-
     t0 = time.perf_counter()
     note = "" if args.bends == 1 else "\nplane through w1, w2, phi(0.5); the curve is projected onto it"
-    plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["marks"], args.plane,
-                   f"{label}: test loss, {args.plane} plane{note}", out / "landscape.png")
+    plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["marks"],
+                   f"{label}: test loss in the plane of the curve{note}", out / "landscape.png")
     plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
     stages.timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
-
     results = collect_results(args, ts, sw["metrics"], ens, pairs, layers, land, stages.timings, model, w1, data)
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     barriers = ", ".join(f"{path} {b['test_error']:.4f}" for path, b in results["barrier"].items())

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 TINY = ["--dataset", "synthetic", "--train-subset", "512", "--test-subset", "128", "--width", "4", "--epochs", "2",
         "--curve-epochs", "10", "--batch-size", "64", "--points", "3", "--grid", "3", "--eval-train", "128",
         "--eval-test", "64", "--device", "cpu", "--fge-cycles", "2", "--fge-cycle-epochs", "1",
-        "--simplex-vertices", "1", "--simplex-epochs", "1", "--simplex-samples", "2", "--layer-points", "3"]
+        "--simplex-vertices", "1", "--simplex-epochs", "1"]
 
 
 def tiny_data(size=16):
@@ -264,7 +264,7 @@ def test_ensemble_metrics_by_hand():
 # ── 8. Landscape ─────────────────────────────────────────────────────────────────────────────────
 def test_squeezed_plane_maps_w1_w2_theta_and_bezier_points():
     w1, theta, w2 = random_params(0), random_params(1), random_params(2)
-    axes = mc.plane_axes(w1, w2, theta, "squeezed")
+    axes = mc.plane_axes(w1, w2, theta)
     for w, ab in ((w1, (1, 0)), (w2, (0, 1)), (theta, (0, 0))):
         assert mc.plane_coords(w, *axes) == ab  # exactly: the marks of the figure sit on the grid's points
         point = mc.curve_point(list(axes), [1, *ab])
@@ -274,16 +274,15 @@ def test_squeezed_plane_maps_w1_w2_theta_and_bezier_points():
         assert mc.plane_coords(phi, *axes) == pytest.approx(((1 - t) ** 2, t ** 2), abs=1e-5)
 
 
-def test_orthonormal_plane():
-    w1, theta, w2 = random_params(0), random_params(1), random_params(2)
-    origin, e1, e2 = mc.plane_axes(w1, w2, theta, "orthonormal")
-    assert mc.dot(e1, e2) == pytest.approx(0, abs=1e-3 * mc.dot(e1, e1))
-    assert mc.dot(e2, e2) == pytest.approx(mc.dot(e1, e1), rel=1e-5)
-    assert mc.plane_coords(w1, origin, e1, e2) == pytest.approx((0, 0), abs=1e-5)
-    assert mc.plane_coords(w2, origin, e1, e2) == pytest.approx((1, 0), abs=1e-5)
-    a, b = mc.plane_coords(theta, origin, e1, e2)
-    assert b > 0 and math.hypot(a, b) * math.sqrt(mc.dot(e1, e1)) == pytest.approx(
-        math.sqrt(sum(((theta[k] - w1[k]) ** 2).sum().item() for k in w1)), rel=1e-4)  # Euclidean units
+def test_plane_coords_project_points_off_the_plane():
+    w1, theta, w2, r = (random_params(seed) for seed in range(4))
+    origin, e1, e2 = mc.plane_axes(w1, w2, theta)
+    g = torch.tensor([[mc.dot(e1, e1), mc.dot(e1, e2)], [mc.dot(e1, e2), mc.dot(e2, e2)]], dtype=torch.float64)
+    c = torch.linalg.solve(g, torch.tensor([mc.dot(r, e1), mc.dot(r, e2)], dtype=torch.float64))
+    normal = mc.curve_point([r, e1, e2], [1, -c[0].item(), -c[1].item()])  # r minus its part in the plane
+    off = mc.curve_point([origin, e1, e2, normal], [1, 0.3, 0.6, 1])  # (0.3, 0.6) plus a step out of the plane
+    assert abs(mc.dot(normal, e1)) < 1e-3 * mc.dot(e1, e1) and mc.dot(normal, normal) > 0.1 * mc.dot(e1, e1)
+    assert mc.plane_coords(off, origin, e1, e2) == pytest.approx((0.3, 0.6), abs=1e-4)
 
 
 def test_landscape_matches_evaluate(trained):
@@ -577,7 +576,7 @@ def test_main_writes_every_output(tiny_run):
         assert len(saved["ensemble"]["pair_along_t"][path]) == 3
     ens = saved["ensemble"]
     assert set(ens) == {"w1", "w2", "w1+w2", "curve", "fge", "simplex", "pair_along_t"}
-    for name, size, epochs in (("w1", 1, 0), ("w1+w2", 2, 2), ("curve", 3, 12), ("fge", 2, 2), ("simplex", 2, 1)):
+    for name, size, epochs in (("w1", 1, 0), ("w1+w2", 2, 2), ("curve", 3, 12), ("fge", 2, 2), ("simplex", 8, 1)):
         assert ens[name]["size"] == size and ens[name]["epochs"] == epochs
         assert {"acc", "nll", "ece", "reliability"} <= set(ens[name]) and 0 <= ens[name]["acc"] <= 1
     assert set(saved["layerwise"]) == {"line", "aligned"}
@@ -610,9 +609,9 @@ def test_resume_reuses_what_matches_and_recomputes_the_same(tiny_run, tmp_path, 
     for stage in ("sweep", "fge", "simplex"):  # computed again after a reused curve: the same numbers
         checkpoint(tmp_path, stage).unlink()
     assert metrics_only(mc.main(TINY + ["--out", str(tmp_path), "--resume"])) == metrics_only(first)
-    # a finer sweep and another plane: endpoints and curve reused, sweep and landscape new, old files kept
+    # a finer sweep and grid: endpoints and curve reused, sweep and landscape new, old files kept
     capsys.readouterr()
-    finer = mc.main(TINY + ["--out", str(tmp_path), "--resume", "--points", "5", "--plane", "orthonormal"])
+    finer = mc.main(TINY + ["--out", str(tmp_path), "--resume", "--points", "5", "--grid", "4"])
     log = capsys.readouterr().out
     for stage in ("endpoints", "curve"):
         assert f"reusing {checkpoint(tmp_path, stage)}" in log
@@ -659,7 +658,7 @@ def run_cli(args, capsys):
 @pytest.mark.parametrize("args, words", [
     (["--dataset", "imagenet"], ["--dataset", "imagenet"]),
     (["--curve", "spline"], ["--curve", "spline"]),
-    (["--plane", "round"], ["--plane", "round"]),
+    (["--plane", "orthonormal"], ["unrecognized", "--plane"]),
     (["--device", "tpu"], ["--device", "tpu"]),
     (["--epochs", "0"], ["--epochs", "'0'"]),
     (["--epochs", "ten"], ["--epochs", "'ten'"]),
@@ -676,9 +675,7 @@ def run_cli(args, capsys):
     (["--fge-cycles", "-1"], ["--fge-cycles", ">= 0"]),
     (["--fge-lr", "0"], ["--fge-lr", "> 0"]),
     (["--simplex-vertices", "two"], ["--simplex-vertices", "'two'"]),
-    (["--simplex-lambda", "-0.1"], ["--simplex-lambda", ">= 0"]),
-    (["--simplex-samples", "0"], ["--simplex-samples"]),
-    (["--layer-points", "1"], ["--layer-points", ">= 2"]),
+    (["--layer-points", "3"], ["unrecognized", "--layer-points"]),  # removed: the layer-wise stage uses 11 values of t
 ])
 def test_bad_options_exit_2_with_one_line(args, words, capsys):
     code, err = run_cli(args, capsys)
