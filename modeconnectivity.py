@@ -278,13 +278,15 @@ def detached(params):
     return {k: v.detach().clone() for k, v in params.items()}
 
 
-def parameters_of(model, weights):
-    """The floating-point parameters of model in weights (a parameter dict or a whole state_dict), shapes checked."""
+def parameters_of(model, weights, statistics=False):
+    """The floating-point parameters of model in weights (parameter dict or state_dict); checks names and shapes."""
     params = dict(model.named_parameters())
-    for name, tensor in model.state_dict().items():  # buffers may be absent, parameters may not
+    for name, tensor in model.state_dict().items():  # buffers may be absent, unless statistics are asked for
+        needed = name in params or (statistics and name.endswith(("running_mean", "running_var")))
         found = "missing" if name not in weights else f"of shape {tuple(weights[name].shape)}"
-        if (name in params and name not in weights) or (name in weights and weights[name].shape != tensor.shape):
-            raise ValueError(f"weights: tensor {name} is {found}; the model's is of shape {tuple(tensor.shape)}")
+        if (needed and name not in weights) or (name in weights and weights[name].shape != tensor.shape):
+            raise ValueError(f"weights: tensor {name} is {found}; the model's is of shape {tuple(tensor.shape)}"
+                             + ("; recompute_bn gives BatchNorm statistics" if "running_" in name else ""))
     return {name: weights[name] for name in params}
 
 
@@ -303,17 +305,12 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 6. Walking along the curve                                                                   │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def batchnorms(model):
-    """The BatchNorm layers of a model that keep running statistics, by state-dict prefix."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
-
-
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
-    norms = batchnorms(probe)
+    norms = {name: m for name, m in probe.named_modules()  # the BatchNorm layers that keep running statistics
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
     if not norms:
         return params
     for m in norms.values():
@@ -329,9 +326,7 @@ def recompute_bn(model, params, x, batch_size=256):
 @torch.inference_mode()
 def evaluate(model, params, x, y, batch_size=256):
     """Mean cross-entropy (nats), accuracy and log-probabilities (N, classes) of weights `params`."""
-    for name in batchnorms(model):
-        if f"{name}.running_mean" not in params:  # the model object's statistics belong to other weights
-            raise ValueError(f"evaluate: no running statistics for BatchNorm {name}; use recompute_bn or a state_dict")
+    parameters_of(model, params, statistics=True)  # never the model object's own statistics: other weights' ones
     model.eval()
     log_probs = torch.cat([F.log_softmax(functional_call(model, params, (x[i:i + batch_size],)), 1)
                            for i in range(0, len(x), batch_size)])  # (N, classes)
@@ -701,7 +696,7 @@ def number(kind, low, strict=False):
 
 QUICK = {"epochs": 4, "curve_epochs": 12, "batch_size": 64, "train_subset": 4000, "test_subset": 500,
          "eval_train": 500, "points": 11, "grid": 9, "eval_test": 250, "width": 8, "fge_cycles": 2,
-         "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1}
+         "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1, "bn_images": 250}
 
 # The options each stage depends on (its own and those of the stages it builds on): they name its checkpoint.
 DATA_OPTIONS = ["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "batchnorm", "epochs",
