@@ -280,8 +280,11 @@ def detached(params):
 
 def parameters_of(model, weights, statistics=False):
     """The floating-point parameters of model in weights (parameter dict or state_dict); checks names and shapes."""
-    params = dict(model.named_parameters())
-    for name, tensor in model.state_dict().items():  # buffers may be absent, unless statistics are asked for
+    params, state = dict(model.named_parameters()), model.state_dict()
+    extra = [name for name in weights if name not in state]  # e.g. BatchNorm tensors for a model without any
+    if extra:
+        raise ValueError(f"weights: tensor {extra[0]} is not one of the model's ({type(model).__name__})")
+    for name, tensor in state.items():  # buffers may be absent, unless statistics are asked for
         needed = name in params or (statistics and name.endswith(("running_mean", "running_var")))
         found = "missing" if name not in weights else f"of shape {tuple(weights[name].shape)}"
         if (needed and name not in weights) or (name in weights and weights[name].shape != tensor.shape):
@@ -318,8 +321,8 @@ def recompute_bn(model, params, x, batch_size=256):
         m.momentum = None  # cumulative average of the batch statistics
         m.train()  # batch statistics in BatchNorm only: dropout stays off
     stats = {f"{name}.{k}": v for name, m in norms.items() for k, v in m.named_buffers()}  # updated in place
-    for i in range(0, len(x), batch_size):
-        functional_call(probe, {**params, **stats}, (x[i:i + batch_size],))
+    for xb in torch.tensor_split(x, math.ceil(len(x) / batch_size)):  # batches of equal size: every image weighs alike
+        functional_call(probe, {**params, **stats}, (xb,))
     return {**params, **stats}
 
 
@@ -474,18 +477,19 @@ def permutation_chain(model, x):
         if isinstance(m, nn.Conv2d | nn.Linear | nn.modules.batchnorm._BatchNorm):
             m.register_forward_hook(lambda m, i, o, name=name: order.append(name))
     with torch.no_grad():
-        before = probe(x)
+        probe(x)  # the hooks note the order of the layers
     chain = []
     for name in order:
         if not isinstance(dict(probe.named_modules())[name], nn.modules.batchnorm._BatchNorm):
             chain.append((name, None))
         elif chain and chain[-1][1] is None:  # a BatchNorm after a layer normalises that layer's units
             chain[-1] = (chain[-1][0], name)
-    state = model.state_dict()
     gen = torch.Generator().manual_seed(0)
+    state = {k: v * (1 + 0.1 * torch.randn(v.shape, generator=gen).to(v)) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}  # units made unlike each other, as a fresh model's may not be
     perms = {layer: torch.randperm(state[f"{layer}.weight"].shape[0], generator=gen) for layer, _ in chain[:-1]}
     try:
-        after = functional_call(probe, permute_units(state, perms, chain), (x,))
+        before, after = (functional_call(probe, w, (x,)) for w in (state, permute_units(state, perms, chain)))
         plain = len(chain) > 1 and torch.allclose(after, before, atol=1e-4 * before.abs().max())
     except (RuntimeError, KeyError):  # a next layer that does not read this layer's units
         plain = False
@@ -834,7 +838,8 @@ def layerwise_stage(args, model, w1, targets, data, log):
     n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
     small = data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n])
     result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images * args.batchnorm, log=log)
-    return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * 2 * n}
+    bn = min(args.bn_images, len(data.train_x)) * args.batchnorm  # images that recompute statistics per point
+    return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * (2 * n + bn)}
 
 
 def landscape_stage(args, model, points, data, log):
@@ -848,9 +853,9 @@ def landscape_stage(args, model, points, data, log):
     marks = {"w1": curve_xy[0], "aligned w2" if args.align_curve else "w2": curve_xy[-1],
              "theta" if n == 3 else "phi(0.5)": xy(theta)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    bn_x = data.train_x[:args.bn_images] if args.batchnorm else None
-    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, bn_x, log=log), "coords": coords,
-            "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
+    bn_x = data.train_x[:args.bn_images] if args.batchnorm else x[:0]  # with BatchNorm: statistics from these
+    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, bn_x if args.batchnorm else None, log=log),
+            "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * (len(x) + len(bn_x))}
 
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
