@@ -311,11 +311,11 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return params  # nothing to recompute, and no copy of the model made
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
     norms = {name: m for name, m in probe.named_modules()  # the BatchNorm layers that keep running statistics
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
-    if not norms:
-        return params
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None  # cumulative average of the batch statistics
@@ -472,15 +472,15 @@ def permute_units(params, perms, chain=None):
 def permutation_chain(model, x):
     """[(Conv2d or Linear, its BatchNorm or None)] in forward order; ValueError if permuting units changes model(x)."""
     probe = copy.deepcopy(model).eval()  # hooks and eval mode on a copy: the model stays as it was
-    order = []
+    order = []  # (name, True for a weight layer, False for a BatchNorm) in the order they run
     for name, m in probe.named_modules():
         if isinstance(m, nn.Conv2d | nn.Linear | nn.modules.batchnorm._BatchNorm):
-            m.register_forward_hook(lambda m, i, o, name=name: order.append(name))
+            m.register_forward_hook(lambda m, i, o, n=name: order.append((n, isinstance(m, nn.Conv2d | nn.Linear))))
     with torch.no_grad():
         probe(x)  # the hooks note the order of the layers
     chain = []
-    for name in order:
-        if not isinstance(dict(probe.named_modules())[name], nn.modules.batchnorm._BatchNorm):
+    for name, weight_layer in order:
+        if weight_layer:
             chain.append((name, None))
         elif chain and chain[-1][1] is None:  # a BatchNorm after a layer normalises that layer's units
             chain[-1] = (chain[-1][0], name)
