@@ -1,9 +1,8 @@
 """Mode connectivity in neural-network loss landscapes, in one readable file (tutorial.md explains it).
 
-Two networks w1, w2 trained from different seeds are joined by a curve phi(t) of low loss, while the straight line
-between them crosses a ridge (Garipov et al. 2018). This file trains both, a Bezier curve or polygonal chain between
-them, sweeps the curve, the line and the line after aligning neurons, builds fast ensembles (FGE, simplexes) and
-draws the loss in the plane of w1, w2 and the bend theta. Results, runtimes and the torch version: README.md.
+Two networks w1, w2 from different seeds are joined by a curve phi(t) of low loss; the straight line between them
+crosses a ridge (Garipov et al. 2018). This file trains both and a Bezier curve or polygonal chain between them, sweeps
+the curve and the lines (plain, neurons aligned), builds fast ensembles (FGE, simplexes) and maps the curve's plane.
 
     python modeconnectivity.py --dataset synthetic --quick   # offline first look, under a minute on 2 CPU cores
     python modeconnectivity.py --dataset cifar10             # the default recipe: over two hours on 2 CPU cores
@@ -14,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -81,23 +79,27 @@ def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0)
 
 
 def read_folder(root):
-    """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors."""
+    """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors, skipping hidden names."""
     from PIL import Image  # Pillow comes with torchvision
     root, out = Path(root), []
     missing = [half for half in ("train", "test") if not (root / half).is_dir()]
     if missing:
         raise ValueError(f"--data-dir {root}: no {missing[0]}/ folder; expected {root}/{missing[0]}/<class>/<image>")
-    classes, test_classes = (sorted(p.name for p in (root / h).iterdir() if p.is_dir()) for h in ("train", "test"))
+    visible = lambda folder: sorted(folder.glob("[!.]*"))  # not .DS_Store, .ipynb_checkpoints, ...
+    classes, test_classes = ([p.name for p in visible(root / half) if p.is_dir()] for half in ("train", "test"))
     if classes != test_classes:
         raise ValueError(f"--data-dir {root}: train/ has classes {classes} but test/ has {test_classes}")
     for half in ("train", "test"):
-        files = [(f, k) for k, name in enumerate(classes) for f in sorted((root / half / name).iterdir())]
-        try:
-            images = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f, _ in files]
-        except OSError as err:
-            raise ValueError(f"--data-dir {root}: a file in {half}/ is not a readable image ({err})") from None
-        if not images or len({img.shape for img in images}) > 1 or not 8 <= images[0].shape[1] == images[0].shape[2]:
-            raise ValueError(f"--data-dir {root}: {half}/ holds no images, or not square ones of one size >= 8 px")
+        files, images = [(f, k) for k, name in enumerate(classes) for f in visible(root / half / name)], []
+        for f, _ in files:
+            try:
+                images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
+            except OSError as err:
+                raise ValueError(f"--data-dir {root}: {f} is not a readable image ({type(err).__name__})") from None
+        sizes = {tuple(img.shape[1:]): f for (f, _), img in zip(files, images)}  # (height, width) -> a file
+        if len(sizes) != 1 or not 8 <= images[0].shape[1] == images[0].shape[2]:
+            found = ", ".join(f"{f} is {h}x{w}" for (h, w), f in list(sizes.items())[:2]) or "no images"
+            raise ValueError(f"--data-dir {root}: {half}/ needs square images of one size >= 8 px; {found}")
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))  # mix the classes, so
         out += [torch.stack(images)[order], torch.tensor([k for _, k in files])[order]]  # first-N subsets hold all
     return (*out, classes)
@@ -125,10 +127,8 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
         tx, ty, vx, vy, classes = make_synthetic(train_size or 10000, test_size or 2000, image_size, seed=seed)
     else:
         data_dir = Path(data_dir)
-        if data_dir.exists() and not data_dir.is_dir():
-            raise ValueError(f"--data-dir {data_dir}: is a file, not a folder")
-        # A folder's cache is named after its file listing: added or removed images make a new one.
-        listing = sorted(str(p.relative_to(data_dir)) for p in data_dir.glob("t*/*/*")) if name == "folder" else []
+        files = data_dir.glob("t*/[!.]*/[!.]*") if name == "folder" else []  # hidden names skipped, as in read_folder
+        listing = sorted(str(p.relative_to(data_dir)) for p in files)  # names the cache: new images, a new cache
         cache = data_dir / f"{name}-v2-{hashlib.sha1(str(listing).encode()).hexdigest()[:10]}-uint8.pt"
         try:
             tx, ty, vx, vy, classes = torch.load(cache, weights_only=True)
@@ -469,6 +469,7 @@ def permute_units(params, perms, chain=None):
     return {k: torch.empty_like(params[k]).copy_(v) for k, v in out.items()}  # keep each tensor's memory layout
 
 
+@torch.no_grad()
 def permutation_chain(model, x):
     """[(Conv2d or Linear, its BatchNorm or None)] in forward order; ValueError if permuting units changes model(x)."""
     probe = copy.deepcopy(model).eval()  # hooks and eval mode on a copy: the model stays as it was
@@ -476,8 +477,7 @@ def permutation_chain(model, x):
     for name, m in probe.named_modules():
         if isinstance(m, nn.Conv2d | nn.Linear | nn.modules.batchnorm._BatchNorm):
             m.register_forward_hook(lambda m, i, o, n=name: order.append((n, isinstance(m, nn.Conv2d | nn.Linear))))
-    with torch.no_grad():
-        probe(x)  # the hooks note the order of the layers
+    probe(x)  # the hooks note the order of the layers
     chain = []
     for name, weight_layer in order:
         if weight_layer:
@@ -806,13 +806,11 @@ def endpoints_stage(args, data, fit):
 
 def sweep_stage(args, model, paths, ts, data, log):
     """The paths along t; with BatchNorm also the line and aligned line with the endpoints' statistics interpolated."""
-    bn_images = min(args.bn_images, len(data.train_x)) if args.batchnorm else 0
     naive = {f"{path}_interpolated_bn": paths[path] for path in ("line", "aligned") if args.batchnorm}  # the naive view
-    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, bn_images, log=log)
+    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, args.bn_images, log=log)  # BatchNorm if any
     metrics.update(sweep(model, naive, ts, data, args.eval_train, bn_images=0, log=log)[0])
-    per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)
-    return {"metrics": metrics, "log_probs": log_probs,
-            "images": len(ts) * (len(paths) * (per_point + bn_images) + len(naive) * per_point)}
+    per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)  # images evaluated at a point
+    return {"metrics": metrics, "log_probs": log_probs, "images": len(ts) * (len(paths) + len(naive)) * per_point}
 
 
 def fast_ensemble_stage(args, kind, model, w1, data, fit):
@@ -837,9 +835,8 @@ def layerwise_stage(args, model, w1, targets, data, log):
     ts = [i / 10 for i in range(11)]  # t = 0, 0.1, ..., 1 for every run: fixed, unlike the sweep's --points
     n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
     small = data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n])
-    result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images * args.batchnorm, log=log)
-    bn = min(args.bn_images, len(data.train_x)) * args.batchnorm  # images that recompute statistics per point
-    return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * (2 * n + bn)}
+    result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images, log=log)
+    return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * 2 * n}
 
 
 def landscape_stage(args, model, points, data, log):
@@ -853,9 +850,8 @@ def landscape_stage(args, model, points, data, log):
     marks = {"w1": curve_xy[0], "aligned w2" if args.align_curve else "w2": curve_xy[-1],
              "theta" if n == 3 else "phi(0.5)": xy(theta)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    bn_x = data.train_x[:args.bn_images] if args.batchnorm else x[:0]  # with BatchNorm: statistics from these
-    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, bn_x if args.batchnorm else None, log=log),
-            "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * (len(x) + len(bn_x))}
+    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, data.train_x[:args.bn_images], log=log),
+            "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
 
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
@@ -875,7 +871,7 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
     landscape = {"plane": "squeezed", "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
                  **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "marks")}}
     return {"config": vars(args),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "device": args.device,
                          "threads": torch.get_num_threads()},
             "endpoints": [{"seed": args.seed + i, **{k: v[end] for k, v in metrics["curve"].items()}}
                           for i, end in enumerate((0, -1))],
@@ -895,6 +891,10 @@ def run(args, log=print):
     stages.timings["data"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}  # none through the network
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
+    if any(len(labels.unique()) < len(data.classes) for labels in (data.train_y, data.test_y)):  # a small subset?
+        log(f"warning: the train or test images lack some of the {len(data.classes)} classes (--train/--test-subset)")
+    if len(data.train_x) < args.batch_size:  # an epoch would be a single step on fewer images than a batch
+        raise ValueError(f"{len(data.train_x)} training images: fewer than one batch (--batch-size {args.batch_size})")
     pad = 0 if args.no_augment or data.train_x.shape[1] != 3 else 4
     fit = {"batch_size": args.batch_size, "weight_decay": args.wd, "augment_pad": pad, "log": log}  # every SGD run's
     w1, w2 = stages.run("endpoints", lambda: endpoints_stage(args, data, fit))["states"]

@@ -180,8 +180,33 @@ def test_folder_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         mc.load_data("folder", tmp_path / "b", "cpu")
     write_folder(tmp_path / "c", ["cat"], ["cat"], side=4)  # too small for three 2x2 max-pools
-    with pytest.raises(ValueError, match=">= 8 px"):
+    with pytest.raises(ValueError, match=r">= 8 px; .*cat.\d\.png is 4x4"):
         mc.load_data("folder", tmp_path / "c", "cpu")
+
+
+def test_folder_skips_hidden_names_and_names_bad_files(tmp_path):
+    from PIL import Image
+    write_folder(tmp_path / "plain", ["cat", "dog"], ["cat", "dog"])
+    write_folder(tmp_path / "kept", ["cat", "dog"], ["cat", "dog"])
+    (tmp_path / "kept" / "train" / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # what macOS leaves
+    (tmp_path / "kept" / "test" / ".ipynb_checkpoints").mkdir()  # a hidden folder beside the classes
+    a, b = (mc.load_data("folder", tmp_path / name, "cpu") for name in ("plain", "kept"))
+    assert a.classes == b.classes == ["cat", "dog"] and torch.equal(a.train_x, b.train_x)
+    (tmp_path / "kept" / "train" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"dog.notes\.txt is not a readable image"):
+        mc.load_data("folder", tmp_path / "kept", "cpu")
+    Image.new("RGB", (12, 10)).save(tmp_path / "plain" / "test" / "dog" / "big.png")  # 10 rows, 12 columns
+    with pytest.raises(ValueError, match=r"test/ needs square images of one size.*\d\.png is 8x8, .*big\.png is 10x12"):
+        mc.load_data("folder", tmp_path / "plain", "cpu")
+
+
+def test_a_subset_smaller_than_a_batch_or_without_every_class(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mc.main(TINY + ["--train-subset", "5", "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and "5 training images: fewer than one batch (--batch-size 64)" in err
+    assert "warning: the train or test images lack some of the 10 classes" in out
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
 
 
 # ── 5. Curve training ─────────────────────────────────────────────────────────────────────────────
@@ -704,7 +729,7 @@ def test_unavailable_device_bad_dirs_and_divergence(tmp_path, capsys, monkeypatc
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     code, err = run_cli(TINY + ["--data-dir", str(a_file), "--dataset", "folder", "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "is a file" in err
+    assert code == 2 and "no train/ folder" in err
     code, err = run_cli(TINY + ["--out", str(a_file / "sub")], capsys)
     assert code == 2 and "--out" in err and "cannot write" in err
     def offline(*args, **kwargs):  # what torchvision raises without network; tests never download
