@@ -4,8 +4,7 @@ Two networks w1, w2 from different seeds are joined by a curve phi(t) of low los
 crosses a ridge (Garipov et al. 2018). This file trains both and a Bezier curve or polygonal chain between them, sweeps
 the curve and the lines (plain, neurons aligned), builds fast ensembles (FGE, simplexes) and maps the curve's plane.
 
-    python modeconnectivity.py --dataset synthetic --quick   # offline first look, under a minute on 2 CPU cores
-    python modeconnectivity.py --dataset cifar10             # the default recipe: over two hours on 2 CPU cores
+    python modeconnectivity.py --dataset synthetic --quick   # a first look, offline; the full recipe: --dataset cifar10
 """
 import argparse
 import copy
@@ -78,24 +77,26 @@ def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0)
     return (*sample(n_train), *sample(n_test), [f"class{k}" for k in range(num_classes)])
 
 
-def read_folder(root):
+def read_folder(root, log=print):
     """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors, skipping hidden names."""
     from PIL import Image  # Pillow comes with torchvision
     root, out = Path(root), []
-    missing = [half for half in ("train", "test") if not (root / half).is_dir()]
-    if missing:
-        raise ValueError(f"--data-dir {root}: no {missing[0]}/ folder; expected {root}/{missing[0]}/<class>/<image>")
+    if not all((root / half).is_dir() for half in ("train", "test")):
+        raise ValueError(f"--data-dir {root}: expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
     visible = lambda folder: sorted(folder.glob("[!.]*"))  # not .DS_Store, .ipynb_checkpoints, ...
     classes, test_classes = ([p.name for p in visible(root / half) if p.is_dir()] for half in ("train", "test"))
     if classes != test_classes:
         raise ValueError(f"--data-dir {root}: train/ has classes {classes} but test/ has {test_classes}")
     for half in ("train", "test"):
         files, images = [(f, k) for k, name in enumerate(classes) for f in visible(root / half / name)], []
-        for f, _ in files:
+        start = time.perf_counter()
+        for i, (f, _) in enumerate(files):
             try:
                 images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
             except OSError as err:
                 raise ValueError(f"--data-dir {root}: {f} is not a readable image ({type(err).__name__})") from None
+            if (i + 1) % max(1, len(files) // 10) == 0:  # ten lines per half: a first run's longest wait
+                progress(log, f"decoding {root / half} (once, then cached)", i + 1, len(files), start)
         sizes = {tuple(img.shape[1:]): f for (f, _), img in zip(files, images)}  # (height, width) -> a file
         if len(sizes) != 1 or not 8 <= images[0].shape[1] == images[0].shape[2]:
             found = ", ".join(f"{f} is {h}x{w}" for (h, w), f in list(sizes.items())[:2]) or "no images"
@@ -119,7 +120,7 @@ def read_torchvision(name, data_dir):
             list(train.classes))
 
 
-def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, image_size=32):
+def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, image_size=32, log=print):
     """Decode a data set once (cached as uint8 in data_dir); its first train_size/test_size images, normalised."""
     if name not in DATASETS:
         raise ValueError(f"--dataset {name}: unknown; choose from {', '.join(DATASETS)}")
@@ -133,7 +134,8 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
         try:
             tx, ty, vx, vy, classes = torch.load(cache, weights_only=True)
         except Exception:  # no cache yet, or a damaged one: decode again
-            tx, ty, vx, vy, classes = read_folder(data_dir) if name == "folder" else read_torchvision(name, data_dir)
+            decoded = read_folder(data_dir, log) if name == "folder" else read_torchvision(name, data_dir)
+            tx, ty, vx, vy, classes = decoded
             write_atomic(cache, lambda tmp: torch.save((tx, ty, vx, vy, classes), tmp))
     tx, ty, vx, vy = tx[:train_size], ty[:train_size], vx[:test_size], vy[:test_size]
     mean = tx.float().mean((0, 2, 3), keepdim=True).to(device)  # per-channel statistics of the training images
@@ -156,8 +158,7 @@ class ConvNet(nn.Module):
         self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
         norm = nn.BatchNorm2d if batchnorm else lambda channels: nn.Identity()  # Identity: no weights, no effect
         self.bn1, self.bn2, self.bn3 = norm(width), norm(2 * width), norm(4 * width)
-        side = image_size // 8  # three 2x2 max-pools
-        self.fc1 = nn.Linear(4 * width * side * side, 8 * width)
+        self.fc1 = nn.Linear(4 * width * (image_size // 8) ** 2, 8 * width)  # after three 2x2 max-pools
         self.fc2 = nn.Linear(8 * width, num_classes)
         self.dropout = dropout
 
@@ -331,8 +332,7 @@ def evaluate(model, params, x, y, batch_size=256):
     """Mean cross-entropy (nats), accuracy and log-probabilities (N, classes) of weights `params`."""
     parameters_of(model, params, statistics=True)  # never the model object's own statistics: other weights' ones
     model.eval()
-    log_probs = torch.cat([F.log_softmax(functional_call(model, params, (x[i:i + batch_size],)), 1)
-                           for i in range(0, len(x), batch_size)])  # (N, classes)
+    log_probs = torch.cat([F.log_softmax(functional_call(model, params, (xb,)), 1) for xb in x.split(batch_size)])
     return F.nll_loss(log_probs, y).item(), (log_probs.argmax(1) == y).float().mean().item(), log_probs
 
 
@@ -887,7 +887,7 @@ def run(args, log=print):
     metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
     stages = Stages(out, metas, args.resume, device, log)
     t0 = time.perf_counter()
-    data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed)
+    data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed, log=log)
     stages.timings["data"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}  # none through the network
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
