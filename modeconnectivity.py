@@ -82,8 +82,8 @@ def read_folder(root, log=print):
     from PIL import Image  # Pillow comes with torchvision
     root, out = Path(root), []
     if not all((root / half).is_dir() for half in ("train", "test")):
-        raise ValueError(f"--data-dir {root}: expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
-    visible = lambda folder: sorted(folder.glob("[!.]*"))  # not .DS_Store, .ipynb_checkpoints, ...
+        raise ValueError(f"--data-dir {root}: expected a folder with train/<class>/<image> and test/<class>/<image>")
+    visible = lambda folder: sorted(folder.glob("[!.]*"), key=lambda p: p.name)  # not .DS_Store, .ipynb_checkpoints
     classes, test_classes = ([p.name for p in visible(root / half) if p.is_dir()] for half in ("train", "test"))
     if classes != test_classes:
         raise ValueError(f"--data-dir {root}: train/ has classes {classes} but test/ has {test_classes}")
@@ -93,9 +93,9 @@ def read_folder(root, log=print):
         for i, (f, _) in enumerate(files):
             try:
                 images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
-            except OSError as err:
-                raise ValueError(f"--data-dir {root}: {f} is not a readable image ({type(err).__name__})") from None
-            if (i + 1) % max(1, len(files) // 10) == 0:  # ten lines per half: a first run's longest wait
+            except (OSError, Image.DecompressionBombError) as err:
+                raise ValueError(f"--data-dir {root}: {f} is not a readable image ({err})") from None
+            if (i + 1) * 10 // len(files) > i * 10 // len(files):  # ten lines per half (progress: section 6)
                 progress(log, f"decoding {root / half} (once, then cached)", i + 1, len(files), start)
         sizes = {tuple(img.shape[1:]): f for (f, _), img in zip(files, images)}  # (height, width) -> a file
         if len(sizes) != 1 or not 8 <= images[0].shape[1] == images[0].shape[2]:
@@ -892,7 +892,7 @@ def run(args, log=print):
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
     if any(len(labels.unique()) < len(data.classes) for labels in (data.train_y, data.test_y)):  # a small subset?
-        log(f"warning: the train or test images lack some of the {len(data.classes)} classes (--train/--test-subset)")
+        log(f"warning: of {len(data.classes)} classes, some have no train or test images (empty folder? small subset?)")
     if len(data.train_x) < args.batch_size:  # an epoch would be a single step on fewer images than a batch
         raise ValueError(f"{len(data.train_x)} training images: fewer than one batch (--batch-size {args.batch_size})")
     pad = 0 if args.no_augment or data.train_x.shape[1] != 3 else 4

@@ -178,7 +178,7 @@ def test_folder_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="classes"):
         mc.load_data("folder", tmp_path / "a", "cpu")
     (tmp_path / "b" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(ValueError, match="expected .*/test/<class>/<image>"):
+    with pytest.raises(ValueError, match="expected a folder with train/<class>/<image> and test/<class>/<image>"):
         mc.load_data("folder", tmp_path / "b", "cpu")
     (tmp_path / "b" / "test" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images"):
@@ -196,6 +196,8 @@ def test_folder_skips_hidden_names_and_names_bad_files(tmp_path):
     (tmp_path / "kept" / "test" / ".ipynb_checkpoints").mkdir()  # a hidden folder beside the classes
     a, b = (mc.load_data("folder", tmp_path / name, "cpu") for name in ("plain", "kept"))
     assert a.classes == b.classes == ["cat", "dog"] and torch.equal(a.train_x, b.train_x)
+    caches = [{p.name for p in (tmp_path / name).glob("folder-*")} for name in ("plain", "kept")]
+    assert caches[0] == caches[1] and len(caches[0]) == 1  # hidden names leave the cache's name alone
     (tmp_path / "kept" / "train" / "dog" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match=r"dog.notes\.txt is not a readable image"):
         mc.load_data("folder", tmp_path / "kept", "cpu")
@@ -204,12 +206,23 @@ def test_folder_skips_hidden_names_and_names_bad_files(tmp_path):
         mc.load_data("folder", tmp_path / "plain", "cpu")
 
 
+def test_folder_decoding_prints_ten_progress_lines_ending_with_all(tmp_path):
+    write_folder(tmp_path, ["cat"], ["cat"])
+    from PIL import Image
+    for i in range(3, 25):  # 25 training images, 3 test images
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "train" / "cat" / f"{i}.png")
+    lines = []
+    mc.read_folder(tmp_path, log=lines.append)
+    train = [line for line in lines if "train" in line]
+    assert len(train) == 10 and "25/25 done, 0 left" in train[-1] and len(lines) == 13
+
+
 def test_a_subset_smaller_than_a_batch_or_without_every_class(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mc.main(TINY + ["--train-subset", "5", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and "5 training images: fewer than one batch (--batch-size 64)" in err
-    assert "warning: the train or test images lack some of the 10 classes" in out
+    assert "warning: of 10 classes, some have no train or test images" in out
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
 
 
