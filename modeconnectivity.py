@@ -589,19 +589,19 @@ def save_figure(axes, path, grid=True, **legend):
 
 def plot_landscape(losses, coords, curve_xy, marks, title, path):
     """Filled contour of the loss grid (log levels), the curve, the line and marks {name: (a, b)}."""
-    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
     ax = Figure(figsize=(6, 5)).subplots()
     levels = np.geomspace(z.min(), z.max(), 24)
-    cs = ax.contourf(coords, coords, z, levels=levels, norm=LogNorm(), cmap="viridis_r")
-    ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=levels[::3], format="{x:.3g}")
+    cs = ax.contourf(coords, coords, z, levels=levels, norm="log", cmap="viridis_r")
+    ticks = [float(f"{v:.3g}") for v in levels[::3]]  # three significant digits, written out: 1940, not 1.94e+03
+    ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=ticks, format="{x:g}")
     ax.plot(*zip(*list(marks.values())[:2]), "--", color="white", lw=1.5, label="straight line")  # w1 to (aligned) w2
     ax.plot(*zip(*curve_xy), "-", color="tab:red", lw=2, label="trained curve")
     for name, xy in marks.items():
         ax.plot(*xy, "o", color="black", ms=6)
         ax.annotate(name, xy, xytext=(6, 6), textcoords="offset points", fontsize=11, weight="bold")
-    ax.set(xlabel="a: the point is theta + a (w1 - theta) + b (w2 - theta)", ylabel="b", title=title)
+    ax.set(xlabel="a: the point is {2} + a ({0} - {2}) + b ({1} - {2})".format(*marks), ylabel="b", title=title)
     save_figure([ax], path, grid=False, loc="upper right", fontsize=8)
 
 
@@ -645,7 +645,7 @@ def plot_ensembles(ts, ens, pairs, title, path):
     axes[1].set(xlabel="confidence (%)", ylabel="accuracy (%)", title="reliability (bins of confidence)")
     for name, accs in pairs.items():
         axes[2].plot(ts, 100 * np.array(accs), PATH_STYLES[name][0], color=PATH_STYLES[name][1],
-                     label=f"{{w1, phi(t)}} on the {name}")
+                     label=f"{{w1, phi(t)}} on the {name.replace('aligned', 'aligned line')}")
     axes[2].axhline(100 * ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
     axes[2].set(xlabel="t", ylabel="test accuracy (%)", title="two-model ensemble along t")
     save_figure(axes, path, fontsize=8)
