@@ -588,7 +588,7 @@ def save_figure(axes, path, grid=True, **legend):
 
 
 def plot_landscape(losses, coords, curve_xy, marks, title, path):
-    """Filled contour of the loss grid (log levels), the curve, the line and marks {name: (a, b)}."""
+    """Filled contour of the loss grid (log levels), the curve, the line, marks {name: (a, b)}: w1, w2, theta first."""
     from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
     ax = Figure(figsize=(6, 5)).subplots()
