@@ -180,7 +180,15 @@ def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
     return peak_lr * (frac / warmup if frac < warmup else (1 - frac) / (1 - warmup))
 
 
-def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name):
+def autocast(device, precision):
+    """A context for ONE forward pass in `precision` (torch.bfloat16: matmuls and convolutions in bf16; float32: off).
+
+    Never around a whole loop: autocast keeps its bf16 copy of each weight until its context closes."""
+    return torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32)
+
+
+def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name,
+               precision=torch.float32):
     """SGD (Nesterov, momentum 0.9) on CE(forward(xb)[0], yb) + forward(xb)[1]; returns one dict per epoch."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     opt = torch.optim.SGD(params, lr=lr_at(0, 1), momentum=0.9, nesterov=True, weight_decay=weight_decay)
@@ -193,8 +201,9 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
             xb = augment(x[idx], augment_pad, gen) if augment_pad else x[idx]
             yb = y[idx]
             opt.param_groups[0]["lr"] = lr_at(epoch * steps + i, epochs * steps)
-            logits, penalty = forward(xb)
-            loss = F.cross_entropy(logits, yb)
+            with autocast(x.device, precision):  # opened per forward pass
+                logits, penalty = forward(xb)
+            loss = F.cross_entropy(logits.float(), yb)  # the loss, its gradient and the weights stay float32
             objective = loss + penalty
             if not math.isfinite(objective.item()):  # stop before a NaN reaches the weights or a checkpoint
                 raise ValueError(f"{name}: objective {objective.item()} at epoch {epoch + 1}, step {i + 1}, lr "
@@ -213,12 +222,13 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
     return history
 
 
-def train_endpoint(model, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log=print):
+def train_endpoint(model, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log=print,
+                   precision=torch.float32):
     """Train one endpoint w: minimise CE + wd/2 ||w||^2 (the decay is applied by SGD). Returns the history."""
     model.train()
     return sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, epochs, batch_size,
                       lambda step, total: one_cycle_lr(step, total, lr), weight_decay, augment_pad, seed, log,
-                      f"endpoint seed {seed}")
+                      f"endpoint seed {seed}", precision)
 
 
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
@@ -256,7 +266,7 @@ COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}
 # │ 5. Training the curve                                                                        │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log, name,
-                 regulariser=None):
+                 regulariser=None, precision=torch.float32):
     """Shared loop: per batch c = draw(gen), step L(phi) + wd/2 ||phi||^2 (+ regulariser), phi = sum_j c_j P_j."""
     gen = torch.Generator().manual_seed(seed + 12345)
     buffers = detached(dict(model.named_buffers()))  # BatchNorm updates these copies, not the model's own
@@ -271,7 +281,7 @@ def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay
     model.train()
     params = [p for point in points for p in point.values() if isinstance(p, nn.Parameter)]
     return sgd_epochs(params, forward, x, y, epochs, batch_size, lambda step, total: one_cycle_lr(step, total, lr),
-                      0.0, augment_pad, seed, log, name)
+                      0.0, augment_pad, seed, log, name, precision)
 
 
 def detached(params):
@@ -295,14 +305,14 @@ def parameters_of(model, weights, statistics=False):
 
 
 def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, batch_size=128, lr=0.05,
-                weight_decay=5e-4, augment_pad=4, seed=0, log=print):
+                weight_decay=5e-4, augment_pad=4, seed=0, log=print, precision=torch.float32):
     """Minimise E_{t~U(0,1)} [ L(phi(t)) + wd/2 ||phi(t)||^2 ] over the middle points; returns (points, history)."""
     w1, w2 = detached(parameters_of(model, w1)), detached(parameters_of(model, w2))
     middle = [{k: nn.Parameter(w1[k] + i / (bends + 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, bends + 1)]
     points = [w1, *middle, w2]
     draw_t = lambda gen: coeffs(torch.rand((), generator=gen).item(), len(points))  # one t ~ U(0, 1) per batch
     history = train_points(model, points, draw_t, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed,
-                           log, "curve")
+                           log, "curve", precision=precision)
     return [detached(p) for p in points], history
 
 
@@ -310,7 +320,7 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 # │ 6. Walking along the curve                                                                   │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
 @torch.no_grad()
-def recompute_bn(model, params, x, batch_size=256):
+def recompute_bn(model, params, x, batch_size=256, precision=torch.float32):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return params  # nothing to recompute, and no copy of the model made
@@ -323,16 +333,22 @@ def recompute_bn(model, params, x, batch_size=256):
         m.train()  # batch statistics in BatchNorm only: dropout stays off
     stats = {f"{name}.{k}": v for name, m in norms.items() for k, v in m.named_buffers()}  # updated in place
     for xb in torch.tensor_split(x, math.ceil(len(x) / batch_size)):  # batches of equal size: every image weighs alike
-        functional_call(probe, {**params, **stats}, (xb,))
+        with autocast(x.device, precision):
+            functional_call(probe, {**params, **stats}, (xb,))
     return {**params, **stats}
 
 
 @torch.inference_mode()
-def evaluate(model, params, x, y, batch_size=256):
+def evaluate(model, params, x, y, batch_size=256, precision=torch.float32):
     """Mean cross-entropy (nats), accuracy and log-probabilities (N, classes) of weights `params`."""
     parameters_of(model, params, statistics=True)  # never the model object's own statistics: other weights' ones
     model.eval()
-    log_probs = torch.cat([F.log_softmax(functional_call(model, params, (xb,)), 1) for xb in x.split(batch_size)])
+    log_probs = []
+    for xb in x.split(batch_size):
+        with autocast(x.device, precision):
+            logits = functional_call(model, params, (xb,))
+        log_probs.append(F.log_softmax(logits.float(), 1))  # float32, as every metric
+    log_probs = torch.cat(log_probs)
     return F.nll_loss(log_probs, y).item(), (log_probs.argmax(1) == y).float().mean().item(), log_probs
 
 
@@ -347,7 +363,7 @@ def progress(log, name, done, total, start):
     log(f"{name}: {done}/{total} done, {total - done} left, about {spent / done * (total - done):.0f} s left")
 
 
-def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, log=print):
+def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, log=print, precision=torch.float32):
     """Per path (points, coeffs) and t: train/test loss and accuracy, and test log-probs (T, N, C)."""
     splits = {"train": (data.train_x[:eval_train], data.train_y[:eval_train]), "test": (data.test_x, data.test_y)}
     metrics = {path: {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []} for path in paths}
@@ -356,9 +372,9 @@ def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, lo
         points, coeffs = paths[path]
         phi = curve_point(points, coeffs(t, len(points)))
         if bn_images > 0:  # BatchNorm statistics recomputed at each point; 0: interpolated ones
-            phi = recompute_bn(model, phi, data.train_x[:bn_images], batch_size)
+            phi = recompute_bn(model, phi, data.train_x[:bn_images], batch_size, precision)
         for split, (xs, ys) in splits.items():
-            loss, acc, lp = evaluate(model, phi, xs, ys, batch_size)
+            loss, acc, lp = evaluate(model, phi, xs, ys, batch_size, precision)
             metrics[path][f"{split}_loss"].append(loss)
             metrics[path][f"{split}_acc"].append(acc)
         test_log_probs[path].append(lp)  # the test split's, for the ensembles
@@ -398,7 +414,7 @@ def fge_lr(step, cycle_steps, lr_high, lr_low):
 
 
 def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low=1e-4, batch_size=128,
-                  weight_decay=5e-4, augment_pad=4, seed=0, log=print):
+                  weight_decay=5e-4, augment_pad=4, seed=0, log=print, precision=torch.float32):
     """Fast Geometric Ensembling: SGD from w with a cyclical rate (fge_lr); returns (cycle-end snapshots, history)."""
     parameters_of(model, w)  # checks that w describes the model
     model.load_state_dict({**model.state_dict(), **w})  # a parameter dict keeps the model's own statistics
@@ -407,7 +423,7 @@ def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low
     for cycle in range(cycles):
         history += sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, cycle_epochs, batch_size,
                               lambda step, total: fge_lr(step, total, lr_high, lr_low), weight_decay, augment_pad,
-                              seed + cycle, log, f"FGE cycle {cycle + 1}/{cycles}")
+                              seed + cycle, log, f"FGE cycle {cycle + 1}/{cycles}", precision)
         snapshots.append(detached(model.state_dict()))  # with BatchNorm: the statistics of training too
     return snapshots, history
 
@@ -429,7 +445,7 @@ def simplex_volume(vertices):
 
 
 def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4,
-                  lam=1e-3, augment_pad=4, seed=0, log=print):
+                  lam=1e-3, augment_pad=4, seed=0, log=print, precision=torch.float32):
     """Add vertices one by one: min E_{c~Dir(1)} [L(sum_j c_j V_j) + wd/2 ||.||^2] - lam log vol(V_0..V_k)."""
     vertices, history = [detached(parameters_of(model, v)) for v in vertices], []
     gen = torch.Generator().manual_seed(seed)
@@ -441,7 +457,7 @@ def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=12
         draw_c = lambda g: simplex_coeffs(len(points), g)  # one uniform point of the simplex per batch
         spread = lambda pts: -lam * simplex_volume(pts).log()
         history += train_points(model, points, draw_c, x, y, epochs, batch_size, lr, weight_decay, augment_pad,
-                                seed + j, log, f"simplex vertex {len(points) - 1}", regulariser=spread)
+                                seed + j, log, f"simplex vertex {len(points) - 1}", spread, precision)
         vertices.append(detached(new))
     return vertices, history
 
@@ -449,92 +465,217 @@ def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=12
 # ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
 # │ 9. Aligning neurons                                                                          │
 # └──────────────────────────────────────────────────────────────────────────────────────────────┘
-def convnet_chain(params):
-    """This file's ConvNet as a permutation chain: conv1, conv2, conv3 (each with its BatchNorm, if any), fc1, fc2."""
-    chain = [(f"conv{i}", f"bn{i}" if f"bn{i}.weight" in params else None) for i in (1, 2, 3)]
-    return chain + [("fc1", None), ("fc2", None)]
+class Group(NamedTuple):
+    """Hidden units reordered together: unit u owns entries u*block .. u*block+block-1 along each listed axis."""
+    units: int
+    tensors: list  # [(tensor name, axis, block)]: weights and biases, matched and permuted
+    statistics: list  # [(tensor name, axis, block)]: BatchNorm running statistics, permuted only
 
 
-def permute_units(params, perms, chain=None):
-    """The same function, hidden units reordered: rows [p] of a layer and its BatchNorm, columns [:, p] of the next."""
-    chain = chain or convnet_chain(params)  # permutation_chain(model, x) for other networks
-    following = {layer: nxt for (layer, _), (nxt, _) in zip(chain, chain[1:])}
-    out = dict(params)
-    kinds = ("weight", "bias", "running_mean", "running_var")  # the tensors with one entry per unit
-    for layer, p in perms.items():
-        own = [f"{prefix}.{kind}" for prefix in (layer, dict(chain)[layer]) for kind in kinds]
-        out.update({key: out[key][p] for key in own if key in out})
-        nxt = out[f"{following[layer]}.weight"]  # (out, units, ...) or (out, units * H * W) after flattening
-        out[f"{following[layer]}.weight"] = nxt.reshape(nxt.shape[0], len(p), -1)[:, p].reshape(nxt.shape)
-    return {k: torch.empty_like(params[k]).copy_(v) for k, v in out.items()}  # keep each tensor's memory layout
+# Operations that treat each unit (channel) on its own: a space of units passes through them unchanged.
+PER_UNIT = {"relu", "leakyrelu", "gelu", "silu", "elu", "tanh", "sigmoid", "relu6", "hardtanh", "identity", "dropout",
+            "dropout1d", "dropout2d", "maxpool1d", "maxpool2d", "avgpool1d", "avgpool2d", "adaptiveavgpool1d",
+            "adaptiveavgpool2d", "adaptivemaxpool2d", "contiguous", "clone"}
+
+
+def operation_kind(node, modules):
+    """What one operation of a traced graph does to the units (axis 1) of the tensors it reads."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    name = type(m).__name__ if m is not None else getattr(node.target, "__name__", node.target)
+    name = str(name).replace("_", "").lower()  # nn.MaxPool2d, F.max_pool2d and x.relu_() alike
+    tensors = len(node.all_input_nodes)
+    if name in ("linear", "conv1d", "conv2d", "conv3d") and getattr(m, "groups", 1) == 1:
+        return "open"  # its output channels (features) are a new space of units; grouped convolutions are "other"
+    if name in ("batchnorm1d", "batchnorm2d", "batchnorm3d"):
+        return "normalise"
+    if name in ("add", "iadd", "sub") and tensors == 2:
+        return "merge"  # a residual connection: both sides must share one order of units
+    if name in PER_UNIT or (name in ("add", "iadd", "sub", "mul", "truediv") and tensors == 1):
+        return "carry"  # x * 0.5 or x + 1 keep the units; a product of two tensors (a gate) is "other"
+    if name in ("flatten", "view", "reshape"):
+        return "reshape"
+    if name in ("mean", "size", "dim"):
+        return "mean" if name == "mean" else "ignore"  # size and dim give numbers, not units
+    return "other"  # the input, the output, tensors read by custom code, anything else
+
+
+def shape_of(node):
+    """The output shape that shape propagation recorded for a node, or None if its output is not one tensor."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def block_factor(node, kind):
+    """How many output entries per input entry along axis 1 (H*W for a flattened (B, C, H, W) map, else 1), or
+    None if the operation does not keep the units on axis 1."""
+    shape, before = shape_of(node), shape_of(node.all_input_nodes[0])
+    if shape is None or before is None or min(len(shape), len(before)) < 2 or shape[0] != before[0]:
+        return None
+    if kind == "reshape" and len(shape) == 2 and shape[1] == math.prod(before[1:]):
+        return math.prod(before[2:])  # (B, C, H, W) -> (B, C*H*W): each channel's H*W entries stay together
+    if kind == "mean":
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims or any(d % len(before) < 2 for d in dims):  # a mean over the batch or the units
+            return None
+    same = all(shape_of(n) is not None and shape_of(n)[1:2] == shape[1:2] for n in node.all_input_nodes)
+    return 1 if same else None
+
+
+def root(parent, space):
+    """Union-find: the space that `space` has been merged into (parent[s] == s for a root)."""
+    while parent[space] != space:
+        space = parent[space]
+    return space
+
+
+def trace_units(model, x):
+    """Follow the units through model's traced graph: [(space, tensor, axis, block, is_statistic)], parent, frozen.
+
+    A frozen space meets the input, the output or an operation not understood: it is never permuted."""
+    import torch.fx
+    from torch.fx.passes.shape_prop import ShapeProp
+    try:
+        traced = torch.fx.symbolic_trace(model)
+        ShapeProp(traced).propagate(x)  # records each operation's output shape
+    except Exception as err:  # data-dependent control flow, for one
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise ValueError(f"permutation_groups: torch.fx cannot trace {type(model).__name__} ({reason}); "
+                         f"alignment needs a forward without data-dependent control flow") from None
+    modules = dict(model.named_modules())
+    entries, parent, frozen = [], [], set()
+    unit = {}  # node -> (space of its output's axis 1, entries per unit along that axis)
+    for node in traced.graph.nodes:
+        kind = operation_kind(node, modules)
+        inputs = [unit[n] for n in node.all_input_nodes if n in unit]
+        shape = shape_of(node)
+        factor = block_factor(node, kind) if kind not in ("open", "other", "ignore") and inputs else None
+        if kind == "ignore":
+            continue
+        if kind == "open" and len(inputs) == 1 and (len(shape) == 2 or node.target not in modules or
+                                                     not isinstance(modules[node.target], nn.Linear)):
+            space, block = inputs[0]
+            entries.append((space, f"{node.target}.weight", 1, block, False))  # the units it reads
+            parent.append(len(parent))  # a new space: the units it writes
+            for name in ("weight", "bias"):
+                if getattr(modules[node.target], name) is not None:
+                    entries.append((parent[-1], f"{node.target}.{name}", 0, 1, False))
+            unit[node] = (parent[-1], 1)
+        elif kind == "normalise" and factor == 1:
+            space, block = inputs[0]
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(modules[node.target], name) is not None:
+                    entries.append((space, f"{node.target}.{name}", 0, block, name.startswith("running_")))
+            unit[node] = inputs[0]
+        elif kind in ("carry", "mean", "reshape") and factor is not None:
+            space, block = inputs[0]
+            unit[node] = (space, block * factor)
+        elif kind == "merge" and factor == 1 and len(inputs) == 2 and inputs[0][1] == inputs[1][1]:
+            parent[root(parent, inputs[1][0])] = root(parent, inputs[0][0])
+            unit[node] = inputs[0]
+        else:  # the spaces this operation touches stay as they are, and so does its output's
+            frozen.update(space for space, _ in inputs)
+            if shape is not None:
+                parent.append(len(parent))
+                frozen.add(parent[-1])
+                unit[node] = (parent[-1], 1)
+    return entries, parent, frozen
 
 
 @torch.no_grad()
-def permutation_chain(model, x):
-    """[(Conv2d or Linear, its BatchNorm or None)] in forward order; ValueError if permuting units changes model(x)."""
-    probe = copy.deepcopy(model).eval()  # hooks and eval mode on a copy: the model stays as it was
-    order = []  # (name, True for a weight layer, False for a BatchNorm) in the order they run
-    for name, m in probe.named_modules():
-        if isinstance(m, nn.Conv2d | nn.Linear | nn.modules.batchnorm._BatchNorm):
-            m.register_forward_hook(lambda m, i, o, n=name: order.append((n, isinstance(m, nn.Conv2d | nn.Linear))))
-    probe(x)  # the hooks note the order of the layers
-    chain = []
-    for name, weight_layer in order:
-        if weight_layer:
-            chain.append((name, None))
-        elif chain and chain[-1][1] is None:  # a BatchNorm after a layer normalises that layer's units
-            chain[-1] = (chain[-1][0], name)
+def permutation_groups(model, x):
+    """{name: Group} of hidden units that can be reordered without changing model(x), found by tracing the forward.
+
+    Self-check: at weights made unlike each other, reordering each group at random leaves model(x) unchanged."""
+    probe = copy.deepcopy(model).eval()  # traced and checked on a copy: the model stays as it was
+    entries, parent, frozen = trace_units(probe, x)
+    holder = {}
+    for space, tensor, axis, _, _ in entries:  # one tensor axis met in two spaces: they are one space
+        other = holder.setdefault((tensor, axis), space)
+        parent[root(parent, space)] = root(parent, other)
+    frozen = {root(parent, space) for space in frozen}
+    members = {}
+    for space, *entry in entries:
+        members.setdefault(root(parent, space), {})[tuple(entry)] = None  # an ordered set: a layer used twice
+    state, groups = probe.state_dict(), {}
+    for space, found in members.items():
+        tensors = [(t, axis, block) for t, axis, block, statistic in found if not statistic]
+        statistics = [(t, axis, block) for t, axis, block, statistic in found if statistic]
+        sizes = {divmod(state[t].shape[axis], block) for t, axis, block, _ in found}  # {(units, 0)} if consistent
+        if space in frozen or not tensors or len(sizes) != 1 or next(iter(sizes))[1] != 0:
+            continue  # left as it is: alignment may be partial, never a different function
+        groups[tensors[0][0].rpartition(".")[0]] = Group(next(iter(sizes))[0], tensors, statistics)  # its first layer
     gen = torch.Generator().manual_seed(0)
-    state = {k: v * (1 + 0.1 * torch.randn(v.shape, generator=gen).to(v)) if v.is_floating_point() else v
-             for k, v in model.state_dict().items()}  # units made unlike each other, as a fresh model's may not be
-    perms = {layer: torch.randperm(state[f"{layer}.weight"].shape[0], generator=gen) for layer, _ in chain[:-1]}
-    try:
-        before, after = (functional_call(probe, w, (x,)) for w in (state, permute_units(state, perms, chain)))
-        plain = len(chain) > 1 and torch.allclose(after, before, atol=1e-4 * before.abs().max())
-    except (RuntimeError, KeyError):  # a next layer that does not read this layer's units
-        plain = False
-    if not plain:
-        raise ValueError(f"permutation_chain: {type(model).__name__} is not a plain chain: permuting its hidden units "
-                         f"changes its outputs (residual connections?); alignment needs each layer to feed the next")
-    return chain
+    probe.double()  # float64: a real change of function stands far above rounding
+    noisy = {k: v + 0.1 * torch.rand(v.shape, generator=gen, dtype=v.dtype).to(v.device)  # additive: zero-initialised
+             if v.is_floating_point() else v for k, v in probe.state_dict().items()}  # tensors take part too
+    before = functional_call(probe, noisy, (x[:2].double(),))
+    for name, group in groups.items():
+        shuffled = permute_units(noisy, {name: torch.randperm(group.units, generator=gen)}, groups)
+        after = functional_call(probe, shuffled, (x[:2].double(),))
+        if not torch.allclose(after, before, rtol=1e-6, atol=1e-6 * before.abs().max().item()):
+            raise ValueError(f"permutation_groups: reordering the units of group {name} changes the outputs of "
+                             f"{type(model).__name__}; this network cannot be aligned here")
+    return groups
 
 
-def match_weights(w1, w2, chain=None, max_rounds=100):
-    """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, by linear assignments layer by layer."""
+def permute_units(params, perms, groups):
+    """The same function with hidden units reordered: along every axis of groups[name], slot u takes unit perm[u]."""
+    out = dict(params)
+    for name, perm in perms.items():
+        group = groups[name]
+        for tensor, axis, block in group.tensors + group.statistics:
+            if tensor in out:  # a parameter dict has no running statistics
+                entries = (perm[:, None] * block + torch.arange(block)).flatten()  # unit u's block of entries
+                moved = out[tensor].index_select(axis, entries.to(out[tensor].device))
+                out[tensor] = torch.empty_like(params[tensor]).copy_(moved)  # keeps the memory layout (channels_last)
+    return out
+
+
+def unit_rows(tensor, axis, units):
+    """(units, rest) in float64: one row per unit holding every entry of the tensor that belongs to it."""
+    return tensor.detach().double().movedim(axis, 0).reshape(units, -1)
+
+
+@torch.no_grad()
+def match_weights(w1, w2, groups, max_rounds=100):
+    """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, one group at a time until no group changes."""
     from scipy.optimize import linear_sum_assignment
-    chain = chain or convnet_chain(w1)  # permutation_chain(model, x) for other networks
-    following = {layer: nxt for (layer, _), (nxt, _) in zip(chain, chain[1:])}
-    hidden = dict(chain[:-1])  # layer -> its BatchNorm or None
-
-    def unit_features(params, layer):  # (units, features): incoming weights, bias, BatchNorm scale and shift, outgoing
-        n = params[f"{layer}.weight"].shape[0]
-        own = [params[f"{prefix}.{kind}"].reshape(n, -1) for prefix in (layer, hidden[layer])
-               for kind in ("weight", "bias") if f"{prefix}.{kind}" in params]
-        nxt = params[f"{following[layer]}.weight"]
-        return torch.cat([*own, nxt.reshape(nxt.shape[0], n, -1).transpose(0, 1).reshape(n, -1)], 1)
-    perms = {layer: torch.arange(len(w2[f"{layer}.weight"]), device=w2[f"{layer}.weight"].device) for layer in hidden}
+    for group in groups.values():  # the weights must describe the network the groups came from
+        for tensor, axis, block in group.tensors:
+            for w in (w1, w2):
+                if tensor not in w or w[tensor].dim() <= axis or w[tensor].shape[axis] != group.units * block:
+                    found = "missing" if tensor not in w else f"of shape {tuple(w[tensor].shape)}"
+                    raise ValueError(f"weights: tensor {tensor} is {found}; its axis {axis} holds {group.units} units")
+    perms = {name: torch.arange(group.units) for name, group in groups.items()}
     for _ in range(max_rounds):
-        previous = dict(perms)
-        for layer in hidden:
-            others = permute_units(w2, {**perms, layer: perms[layer].sort().values}, chain)  # all but this layer
-            similarity = unit_features(w1, layer) @ unit_features(others, layer).T  # (units of w1, units of w2)
-            best = linear_sum_assignment(similarity.double().cpu().numpy(), maximize=True)[1]
-            perms[layer] = torch.as_tensor(best, device=perms[layer].device)
-        if all(torch.equal(previous[layer], perms[layer]) for layer in hidden):  # a round changed nothing
+        changed = False
+        for name, group in groups.items():
+            others = {k: p for k, p in perms.items() if k != name}  # every other group as it stands
+            moved = permute_units({t: w2[t] for t, _, _ in group.tensors}, others, groups)
+            similarity = 0  # (units of w1, units of w2): sum over the group's tensors of <w1's unit u, w2's unit v>
+            for tensor, axis, _ in group.tensors:
+                similarity = similarity + unit_rows(w1[tensor], axis, group.units) @ unit_rows(moved[tensor], axis,
+                                                                                                 group.units).T
+            best = torch.as_tensor(linear_sum_assignment(similarity.cpu().numpy(), maximize=True)[1])
+            changed = changed or not torch.equal(best, perms[name])
+            perms[name] = best
+        if not changed:
             break
-    return permute_units(w2, perms, chain)
+    return permute_units(w2, perms, groups)
 
 
-def layerwise_barriers(model, w1, targets, ts, data, eval_train, chain=None, bn_images=2000, log=print):
-    """Barriers [path][layer] when one layer (and its BatchNorm) alone moves from w1 to targets[path], error at t=1."""
+def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000, log=print,
+                       precision=torch.float32):
+    """Barriers [path][layer] when one layer's own tensors move from w1 to targets[path]; its error at t=1."""
+    layers = dict.fromkeys(name.rpartition(".")[0] for name, _ in model.named_parameters())  # in definition order
     paths = {}
     for path, target in targets.items():
-        for layer, norm in chain or convnet_chain(w1):
-            moved = tuple(f"{prefix}." for prefix in (layer, norm) if prefix)
-            step = {k: target[k] - v if k.startswith(moved) else torch.zeros_like(v) for k, v in w1.items()}
+        for layer in layers:  # this module's weight, bias and statistics, not those of modules inside it
+            step = {k: target[k] - v if k.rpartition(".")[0] == layer else torch.zeros_like(v) for k, v in w1.items()}
             paths[f"{path} {layer}"] = ([w1, step], lambda t, n: [1.0, t])  # w1 + t step: the other layers stay w1
     out = {path: {} for path in targets}
-    for name, m in sweep(model, paths, ts, data, eval_train, bn_images=bn_images, log=log)[0].items():
+    for name, m in sweep(model, paths, ts, data, eval_train, bn_images, log=log, precision=precision)[0].items():
         path, layer = name.split()
         errors = [1 - a for a in m["test_acc"]]
         out[path][layer] = {"test_error": barrier(errors, ts), "train_loss": barrier(m["train_loss"], ts),
@@ -563,14 +704,14 @@ def plane_coords(w, origin, e1, e2):
     return (b1 * g22 - b2 * g12) / det, (b2 * g11 - b1 * g12) / det
 
 
-def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, log=print):
+def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, log=print, precision=torch.float32):
     """Test loss at origin + a e1 + b e2 for (a, b) in coords x coords (rows b); BatchNorm statistics from bn_x."""
     rows, start = [], time.perf_counter()
     for b in coords:
         points = [curve_point([origin, e1, e2], [1, a, b]) for a in coords]
         if bn_x is not None:
-            points = [recompute_bn(model, w, bn_x, batch_size) for w in points]
-        rows.append([evaluate(model, w, x, y, batch_size)[0] for w in points])
+            points = [recompute_bn(model, w, bn_x, batch_size, precision) for w in points]
+        rows.append([evaluate(model, w, x, y, batch_size, precision)[0] for w in points])
         progress(log, "landscape rows", len(rows), len(coords), start)
     return rows
 
@@ -704,7 +845,7 @@ QUICK = {"epochs": 4, "curve_epochs": 12, "batch_size": 64, "train_subset": 4000
 
 # The options each stage depends on (its own and those of the stages it builds on): they name its checkpoint.
 DATA_OPTIONS = ["dataset", "data_dir", "train_subset", "test_subset", "seed", "width", "batchnorm", "epochs",
-                "batch_size", "lr", "wd", "no_augment"]
+                "batch_size", "lr", "wd", "no_augment", "precision"]
 CURVE_OPTIONS = DATA_OPTIONS + ["curve", "bends", "curve_epochs", "curve_lr", "align_curve"]
 STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
                  "sweep": CURVE_OPTIONS + ["points", "eval_train", "bn_images"],
@@ -759,6 +900,8 @@ def build_parser():
     g("--quick", action="store_true", help=f"a first look in under a minute: {QUICK} (your own options win)")
     g("--resume", action="store_true", help="reuse the finished stages in --out whose options match")
     g("--threads", type=pos_int, help="CPU threads (None: torch's own choice)")
+    g("--precision", default="auto", choices=["auto", *PRECISIONS], help="autocast precision of every forward pass "
+      "(auto: bf16 on a GPU that has it, and on a CPU where a few training steps measure it 1.2x faster)")
     return p
 
 
@@ -789,6 +932,37 @@ def new_model(data, width, seed, device, batchnorm=False):
     return model.to(device, memory_format=torch.channels_last)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def bf16_speedup(model, x, y, steps=3):
+    """How many times faster a training step of model on the batch (x, y) runs in bf16 than in float32."""
+    probe = copy.deepcopy(model).train()  # timed on a copy: the model's weights stay as they were
+    seconds = {torch.float32: [], torch.bfloat16: []}
+    for _ in range(steps + 1):  # in turn, fp32 then bf16, so that a busy machine slows both alike
+        for precision, times in seconds.items():
+            t0 = time.perf_counter()
+            with autocast(x.device, precision):
+                logits = probe(x)
+            F.cross_entropy(logits.float(), y).backward()
+            times.append(time.perf_counter() - t0)
+    fp32, bf16 = (sorted(times[1:])[steps // 2] for times in seconds.values())  # medians, the first (warm-up) left out
+    return fp32 / bf16
+
+
+def choose_precision(requested, model, x, y):
+    """(name, measured bf16 speed-up or None). auto: bf16 on a CUDA GPU that supports it, and on a CPU where
+    a few training steps of this model run at least 1.2 times faster in it; float32 everywhere else (MPS too)."""
+    if requested != "auto":
+        return requested, None
+    if x.device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), None
+    if x.device.type != "cpu":
+        return "fp32", None
+    speedup = bf16_speedup(model, x, y)
+    return ("bf16" if speedup >= 1.2 else "fp32"), speedup
+
+
 def trained(result, history, name):
     """A training stage's checkpoint: its result under `name`, the history and the images it went through."""
     return {name: result, "history": history, "images": sum(h["images"] for h in history)}
@@ -807,8 +981,9 @@ def endpoints_stage(args, data, fit):
 def sweep_stage(args, model, paths, ts, data, log):
     """The paths along t; with BatchNorm also the line and aligned line with the endpoints' statistics interpolated."""
     naive = {f"{path}_interpolated_bn": paths[path] for path in ("line", "aligned") if args.batchnorm}  # the naive view
-    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, args.bn_images, log=log)  # BatchNorm if any
-    metrics.update(sweep(model, naive, ts, data, args.eval_train, bn_images=0, log=log)[0])
+    precision = PRECISIONS[args.precision]
+    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, args.bn_images, log=log, precision=precision)
+    metrics.update(sweep(model, naive, ts, data, args.eval_train, bn_images=0, log=log, precision=precision)[0])
     per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)  # images evaluated at a point
     return {"metrics": metrics, "log_probs": log_probs, "images": len(ts) * (len(paths) + len(naive)) * per_point}
 
@@ -824,8 +999,9 @@ def fast_ensemble_stage(args, kind, model, w1, data, fit):
                                           args.simplex_epochs, lr=args.curve_lr, seed=args.seed + 4, **fit)
         gen = torch.Generator().manual_seed(args.seed + 5)  # 8 samples, fixed: free of training, a test pass each
         members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(8)]
-    with_stats = [recompute_bn(model, w, data.train_x[:args.bn_images]) for w in members]  # if it has BatchNorm
-    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y)[2] for w in with_stats])
+    with_stats = [recompute_bn(model, w, data.train_x[:args.bn_images], precision=fit["precision"]) for w in members]
+    log_probs = torch.stack([evaluate(model, w, data.test_x, data.test_y, precision=fit["precision"])[2]
+                             for w in with_stats])
     return {"epochs": len(history), "members": members, "log_probs": log_probs,
             "history": history, "images": sum(h["images"] for h in history) + len(members) * len(data.test_x)}
 
@@ -835,7 +1011,7 @@ def layerwise_stage(args, model, w1, targets, data, log):
     ts = [i / 10 for i in range(11)]  # t = 0, 0.1, ..., 1 for every run: fixed, unlike the sweep's --points
     n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
     small = data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n])
-    result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images, log=log)
+    result = layerwise_barriers(model, w1, targets, ts, small, n, args.bn_images, log, PRECISIONS[args.precision])
     return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * 2 * n}
 
 
@@ -850,19 +1026,23 @@ def landscape_stage(args, model, points, data, log):
     marks = {"w1": curve_xy[0], "aligned w2" if args.align_curve else "w2": curve_xy[-1],
              "theta" if n == 3 else "phi(0.5)": xy(theta)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    return {"test_loss": landscape(model, origin, e1, e2, coords, x, y, data.train_x[:args.bn_images], log=log),
-            "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
+    losses = landscape(model, origin, e1, e2, coords, x, y, data.train_x[:args.bn_images], log=log,
+                       precision=PRECISIONS[args.precision])
+    return {"test_loss": losses, "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
 
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
     """results.json: accuracies and errors as fractions in [0, 1], losses in nats, speed ratios in images/s."""
-    passes = timeit.repeat(lambda: evaluate(model, w1, data.test_x, data.test_y), number=1, repeat=3)  # seconds
+    precision = PRECISIONS[args.precision]  # plain inference in the run's own precision
+    passes = timeit.repeat(lambda: evaluate(model, w1, data.test_x, data.test_y, precision=precision), number=1,
+                           repeat=3)  # seconds
     plain = {"training": timings["endpoints"]["images_per_s"], "inference": len(data.test_x) / sorted(passes)[1]}
     against = {"training": ("curve", "fge", "simplex"), "inference": ("sweep", "layerwise", "landscape")}
     speed = {f"{name}_vs_plain_{kind}": timings[name]["images_per_s"] / plain[kind]  # each stage against plain ones
              for kind, names in against.items() for name in names if name in timings}
     if args.batchnorm:  # seconds per point with statistics recomputed against without, from timings in this process
-        bn = sorted(timeit.repeat(lambda: recompute_bn(model, w1, data.train_x[:args.bn_images]), number=1, repeat=3))
+        bn = sorted(timeit.repeat(lambda: recompute_bn(model, w1, data.train_x[:args.bn_images], precision=precision),
+                                  number=1, repeat=3))
         for name, images in (("sweep", min(args.eval_train, len(data.train_x)) + len(data.test_x)),
                              ("landscape", min(args.eval_test, len(data.test_x)))):  # images evaluated per point
             speed[f"{name}_point_bn_vs_plain_seconds"] = 1 + bn[1] * plain["inference"] / images
@@ -884,22 +1064,29 @@ def run(args, log=print):
     """The recipe, one call per stage from the data to the figures; writes everything to args.out, returns results."""
     out, device = Path(args.out), torch.device(args.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())  # None: torch's own choice
-    metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
-    stages = Stages(out, metas, args.resume, device, log)
     t0 = time.perf_counter()
     data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed, log=log)
-    stages.timings["data"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}  # none through the network
+    data_seconds = time.perf_counter() - t0
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
     if any(len(labels.unique()) < len(data.classes) for labels in (data.train_y, data.test_y)):  # a small subset?
         log(f"warning: of {len(data.classes)} classes, some have no train or test images (empty folder? small subset?)")
     if len(data.train_x) < args.batch_size:  # an epoch would be a single step on fewer images than a batch
         raise ValueError(f"{len(data.train_x)} training images: fewer than one batch (--batch-size {args.batch_size})")
+    requested, probe = args.precision, new_model(data, args.width, args.seed, device, args.batchnorm)
+    batch = (data.train_x[:args.batch_size], data.train_y[:args.batch_size])
+    args.precision, speedup = choose_precision(requested, probe, *batch)  # checkpoints are named with the choice
+    log(f"precision: {args.precision} ({requested}" + (f"; bf16 trained {speedup:.2f}x as fast)" if speedup else ")"))
+    metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
+    stages = Stages(out, metas, args.resume, device, log)
+    stages.timings["data"] = {"seconds": data_seconds, "images_per_s": None}  # none through the network
     pad = 0 if args.no_augment or data.train_x.shape[1] != 3 else 4
-    fit = {"batch_size": args.batch_size, "weight_decay": args.wd, "augment_pad": pad, "log": log}  # every SGD run's
+    fit = {"batch_size": args.batch_size, "weight_decay": args.wd, "augment_pad": pad, "log": log,  # every SGD run's
+           "precision": PRECISIONS[args.precision]}
     w1, w2 = stages.run("endpoints", lambda: endpoints_stage(args, data, fit))["states"]
     model = new_model(data, args.width, args.seed + 2, device, args.batchnorm)  # functional_call gives its weights
-    aligned = match_weights(w1, w2)  # w2 with its hidden units reordered to match w1's: the same function
+    groups = permutation_groups(model, data.train_x[:4])  # hidden units that can be reordered together
+    aligned = match_weights(w1, w2, groups)  # w2 with its hidden units reordered to match w1's: the same function
     far = aligned if args.align_curve else w2
     train = lambda: train_curve(model, w1, far, data.train_x, data.train_y, COEFFS[args.curve], args.bends,
                                 args.curve_epochs, lr=args.curve_lr, seed=args.seed + 2, **fit)
@@ -928,6 +1115,8 @@ def run(args, log=print):
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
     stages.timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
     results = collect_results(args, ts, sw["metrics"], ens, pairs, layers, land, stages.timings, model, w1, data)
+    results["versions"].update({"precision": args.precision, "precision_requested": requested,
+                                "bf16_training_speedup": speedup})
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     barriers = ", ".join(f"{path} {b['test_error']:.4f}" for path, b in results["barrier"].items())
     log(f"done: test-error barriers {barriers}; wrote {out}/results.json")

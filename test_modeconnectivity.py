@@ -246,7 +246,7 @@ def test_train_curve_moves_only_the_middle_and_lowers_the_midpoint_loss(trained)
 
 def test_aligned_curve_starts_at_w1_and_ends_at_w2s_function(trained):
     data, model, (w1, w2) = trained
-    aligned = mc.match_weights(w1, w2)
+    aligned = mc.match_weights(w1, w2, convnet_groups(width=16))
     assert any(not torch.equal(aligned[k], w2[k]) for k in w2)  # other weights ...
     points, _ = mc.train_curve(model, w1, aligned, data.train_x[:128], data.train_y[:128], epochs=1, batch_size=32,
                                log=lambda s: None)
@@ -398,32 +398,46 @@ def test_train_simplex_keeps_fixed_vertices_and_lowers_the_loss(trained):
 
 
 # ── 9. Aligning neurons ──────────────────────────────────────────────────────────────────────────
-def random_perms(params, seed):
+def convnet_groups(width=4, size=16, batchnorm=False):
+    return mc.permutation_groups(mc.ConvNet(3, 10, size, width, batchnorm=batchnorm), torch.randn(2, 3, size, size))
+
+
+def random_perms(groups, seed):
     gen = torch.Generator().manual_seed(seed)
-    return {layer: torch.randperm(len(params[f"{layer}.bias"]), generator=gen)
-            for layer, _ in mc.convnet_chain(params)[:-1]}
+    return {name: torch.randperm(group.units, generator=gen) for name, group in groups.items()}
+
+
+def test_convnet_groups_by_hand():
+    groups = convnet_groups(width=4)
+    assert list(groups) == ["conv1", "conv2", "conv3", "fc1"]  # fc2 writes the logits: never permuted
+    assert groups["conv1"] == mc.Group(4, [("conv1.weight", 0, 1), ("conv1.bias", 0, 1), ("conv2.weight", 1, 1)], [])
+    assert groups["conv3"].units == 16 and groups["conv3"].tensors[-1] == ("fc1.weight", 1, 4)  # 2x2 map per channel
+    bn = convnet_groups(width=4, batchnorm=True)["conv2"]
+    assert ("bn2.weight", 0, 1) in bn.tensors and bn.statistics == [("bn2.running_mean", 0, 1), ("bn2.running_var", 0, 1)]
 
 
 def test_permuted_network_computes_the_same_function():
     model = mc.ConvNet(3, 10, 16, width=4).eval()
+    groups = convnet_groups(width=4)
     x = torch.randn(6, 3, 16, 16)
     for seed in range(3):
         w = random_params(seed)
-        permuted = mc.permute_units(w, random_perms(w, seed + 10))
+        permuted = mc.permute_units(w, random_perms(groups, seed + 10), groups)
         assert any(not torch.equal(permuted[k], w[k]) for k in w)
         assert torch.allclose(functional_call(model, permuted, (x,)), functional_call(model, w, (x,)), atol=1e-5)
 
 
 def test_match_weights_recovers_a_known_permutation():
     w = random_params(3, width=8)
-    shuffled = mc.permute_units(w, random_perms(w, 4))
-    matched = mc.match_weights(w, shuffled)
+    groups = convnet_groups(width=8)
+    shuffled = mc.permute_units(w, random_perms(groups, 4), groups)
+    matched = mc.match_weights(w, shuffled, groups)
     assert all(torch.equal(matched[k], w[k]) for k in w)  # identity distance zero
 
 
 def test_aligned_line_barrier_is_at_most_the_line_barrier(trained):
     data, model, (w1, w2) = trained
-    aligned = mc.match_weights(w1, w2)
+    aligned = mc.match_weights(w1, w2, convnet_groups(width=16))
     ts = [i / 8 for i in range(9)]
     paths = {"line": ([w1, w2], mc.bezier_coeffs), "aligned": ([w1, aligned], mc.bezier_coeffs)}
     lines = []
@@ -450,7 +464,7 @@ def test_layerwise_paths_move_one_layer_and_keep_the_others_exactly(monkeypatch)
         return {name: {"train_loss": [0.0] * len(ts), "test_acc": [1.0] * len(ts)} for name in paths}, None
 
     monkeypatch.setattr(mc, "sweep", recording_sweep)
-    mc.layerwise_barriers(None, w1, {"line": w2}, [0.0, 0.5, 1.0], None, 64)
+    mc.layerwise_barriers(mc.ConvNet(3, 10, 16, 4), w1, {"line": w2}, [0.0, 0.5, 1.0], None, 64)
     assert sorted(seen) == ["line conv1", "line conv2", "line conv3", "line fc1", "line fc2"]
     points, coeffs = seen["line conv2"]
     for t in (0.0, 0.3, 0.7, 1.0):
@@ -551,7 +565,7 @@ def test_state_dicts_are_accepted_and_bad_dicts_named():
     snaps, _ = mc.fge_snapshots(model, w1, data.train_x[:128], data.train_y[:128], cycles=1, cycle_epochs=1,
                                 batch_size=64, log=lambda s: None)
     assert snaps[0].keys() == w1.keys()
-    assert mc.match_weights(w1, w2).keys() == w2.keys()
+    assert mc.match_weights(w1, w2, convnet_groups(batchnorm=True)).keys() == w2.keys()
     missing = {k: v for k, v in w1.items() if k != "fc2.bias"}
     with pytest.raises(ValueError, match="fc2.bias is missing"):
         mc.train_curve(model, missing, w2, data.train_x, data.train_y, epochs=1, log=lambda s: None)
@@ -563,27 +577,207 @@ def test_state_dicts_are_accepted_and_bad_dicts_named():
 def test_match_weights_on_a_batchnorm_chain_keeps_the_function_and_undoes_a_permutation():
     model = vgg_bn().eval()
     x = torch.randn(5, 3, 16, 16)
-    chain = mc.permutation_chain(model, x)
-    assert chain == [("0", "1"), ("4", "5"), ("10", "11"), ("13", None)]
+    groups = mc.permutation_groups(model, x)
+    assert list(groups) == ["0", "4", "10"] and groups["4"].tensors[-1] == ("10.weight", 1, 16)  # after Flatten
     w = model.state_dict()
-    gen = torch.Generator().manual_seed(3)
-    perms = {layer: torch.randperm(w[f"{layer}.weight"].shape[0], generator=gen) for layer, _ in chain[:-1]}
-    shuffled = mc.permute_units(w, perms, chain)
+    shuffled = mc.permute_units(w, random_perms(groups, 3), groups)
     assert not torch.equal(shuffled["5.running_mean"], w["5.running_mean"])  # buffers move with their units
     assert torch.allclose(functional_call(model, shuffled, (x,)), model(x), atol=1e-5)
-    matched = mc.match_weights(w, shuffled, chain)
+    matched = mc.match_weights(w, shuffled, groups)
     assert matched.keys() == w.keys() and all(torch.equal(matched[k], w[k]) for k in w)
     other = vgg_bn(seed=1).state_dict()
-    aligned = mc.match_weights(w, other, chain)
+    aligned = mc.match_weights(w, other, groups)
     assert torch.allclose(functional_call(model, aligned, (x,)), functional_call(model, other, (x,)), atol=1e-5)
 
 
-def test_permutation_chain_refuses_a_resnet():
+class Block(torch.nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (1x1 conv and BN where the shape changes), then ReLU."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(torch.nn.Module):
+    """Stem, two stages of two blocks (the second stage halves the map and doubles the width), mean, linear."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        nn = torch.nn
+        self.conv, self.bn = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.stages = nn.Sequential(Block(width, width), Block(width, width),
+                                    Block(width, 2 * width, 2), Block(2 * width, 2 * width))
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        return self.fc(self.stages(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+def noisy_state(model, seed):
+    """A state_dict with every floating tensor shifted at random, so that units differ (and zeros are not zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.rand(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in model.state_dict().items()}
+
+
+def test_resnet_groups_follow_the_residual_streams_and_a_planted_permutation_is_undone():
+    torch.manual_seed(0)
+    model = SmallResNet(width=4)
+    data = tiny_data()
+    mc.train_endpoint(model, data.train_x, data.train_y, 2, 64, 0.05, 5e-4, 2, 0, log=lambda s: None)
+    model.eval()
+    groups = mc.permutation_groups(model, data.test_x[:4])
+    stream1 = {t for t, _, _ in groups["conv"].tensors}  # the stem writes the first stream; each block adds to it
+    assert {"conv.weight", "bn.weight", "stages.0.bn2.bias", "stages.1.bn2.weight", "stages.0.conv1.weight",
+            "stages.2.conv1.weight", "stages.2.shortcut.0.weight"} <= stream1
+    stream2 = {t for t, _, _ in groups["stages.2.conv2"].tensors}  # opened by the block and its 1x1 shortcut alike
+    assert {"stages.2.shortcut.0.weight", "stages.2.shortcut.1.bias", "stages.3.bn2.weight", "fc.weight"} <= stream2
+    inner = [name for name in groups if name.endswith("conv1")]
+    assert inner == ["stages.0.conv1", "stages.1.conv1", "stages.2.conv1", "stages.3.conv1"]  # one group each
+    assert len(groups) == 6 and groups["stages.2.conv2"].units == 8
+    w = model.state_dict()
+    shuffled = mc.permute_units(w, random_perms(groups, 5), groups)
+    assert torch.allclose(functional_call(model, shuffled, (data.test_x,)), model(data.test_x), atol=1e-4)
+    matched = mc.match_weights(w, shuffled, groups)
+    assert all(torch.equal(matched[k], w[k]) for k in w)  # exactly undone
+
+
+def test_torchvision_resnet18_groups():
     import torchvision
     model = torchvision.models.resnet18(num_classes=10)
-    with pytest.raises(ValueError, match="ResNet is not a plain chain"):
-        mc.permutation_chain(model, torch.randn(2, 3, 32, 32))
-    assert model.training  # the model's mode is restored
+    groups = mc.permutation_groups(model, torch.randn(2, 3, 32, 32))
+    assert len(groups) == 12  # 4 streams (stem + 3 downsample shortcuts) and one group inside each of 8 blocks
+    assert groups["conv1"].units == 64 and ("layer2.0.downsample.0.weight", 1, 1) in groups["conv1"].tensors
+    assert ("fc.weight", 1, 1) in groups["layer4.0.conv2"].tensors
+    assert model.training  # the model's mode is left as it was
+
+
+class Shifted(torch.nn.Module):
+    """A learned per-channel shift, zero at initialisation, read by custom code."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(6, 6, 3)
+        self.shift = torch.nn.Parameter(torch.zeros(1, 6, 1, 1))
+        self.fc = torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.conv1(x) + self.shift))).mean((2, 3)))
+
+
+class Gated(torch.nn.Module):
+    """Squeeze-excitation: channels scaled by a gate computed from their own means."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.squeeze, self.excite = torch.nn.Conv2d(3, 6, 3), torch.nn.Linear(6, 3), torch.nn.Linear(3, 6)
+        self.fc = torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(h.mean((2, 3))))))
+        return self.fc((h * gate[:, :, None, None]).mean((2, 3)))
+
+
+class Concatenated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1).mean((2, 3)))
+
+
+class UsedTwice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = torch.nn.Conv2d(3, 5, 3), torch.nn.Conv2d(5, 5, 3), torch.nn.Linear(5, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.conv2(F.relu(self.conv1(x)))))).mean((2, 3)))
+
+
+class PreActivation(torch.nn.Module):
+    """Pre-activation residual blocks: BN-ReLU-conv twice, added to the stream; BN-ReLU before the head."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1)
+        self.bn, self.fc = nn.BatchNorm2d(4), nn.Linear(4, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        s = s + self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(s))))))
+        return self.fc(F.relu(self.bn(s)).mean((2, 3)))
+
+
+class Branching(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = -h
+        return self.fc(h.mean((2, 3)))
+
+
+def tricky_models():
+    nn = torch.nn
+    depthwise = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=6), nn.ReLU(),
+                              nn.Conv2d(6, 5, 1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 10))
+    group_norm = nn.Sequential(nn.Conv2d(3, 6, 3), nn.GroupNorm(2, 6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 10))
+    return {"shift": (Shifted(), ["conv2"]), "depthwise": (depthwise, ["4"]), "concatenation": (Concatenated(), []),
+            "group norm": (group_norm, ["3"]), "gate": (Gated(), ["squeeze"]), "twice": (UsedTwice(), ["conv1"]),
+            "pre-activation": (PreActivation(), ["stem", "conv1"])}
+
+
+@pytest.mark.parametrize("kind", list(tricky_models()))
+def test_tricky_models_align_partially_and_keep_their_function(kind):
+    torch.manual_seed(0)
+    model, expected = tricky_models()[kind]
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    groups = mc.permutation_groups(model, x)
+    assert list(groups) == expected  # what can move, and nothing else
+    w1, w2 = noisy_state(model, 1), noisy_state(model, 2)  # the zero shift is no longer zero
+    aligned = mc.match_weights(w1, w2, groups)
+    assert torch.allclose(functional_call(model, aligned, (x,)), functional_call(model, w2, (x,)), atol=1e-5)
+
+
+def test_untraceable_models_and_bad_weights_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="torch.fx cannot trace Branching"):
+        mc.permutation_groups(Branching(), torch.randn(2, 3, 8, 8))
+    groups = convnet_groups()
+    w1, w2 = random_params(0), random_params(1)
+    with pytest.raises(ValueError, match="tensor conv2.weight is missing"):
+        mc.match_weights(w1, {k: v for k, v in w2.items() if k != "conv2.weight"}, groups)
+    with pytest.raises(ValueError, match=r"tensor conv1.weight is of shape \(8, 3, 3, 3\)"):
+        mc.match_weights(random_params(0, width=8), w2, groups)
+
+
+def test_match_weights_takes_parameters_that_require_grad():
+    a, b = mc.ConvNet(3, 10, 16, 4), mc.ConvNet(3, 10, 16, 4)
+    groups = convnet_groups()
+    aligned = mc.match_weights(dict(a.named_parameters()), dict(b.named_parameters()), groups)
+    x = torch.randn(3, 3, 16, 16)
+    b.eval()
+    assert aligned.keys() == dict(b.named_parameters()).keys()
+    assert torch.allclose(functional_call(b, aligned, (x,)), b(x), atol=1e-5)
 
 
 # ── 12. Command line: a whole run, resume, determinism, bad input ────────────────────────────────
