@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 TINY = ["--dataset", "synthetic", "--train-subset", "512", "--test-subset", "128", "--width", "4", "--epochs", "2",
         "--curve-epochs", "10", "--batch-size", "64", "--points", "3", "--grid", "3", "--eval-train", "128",
         "--eval-test", "64", "--device", "cpu", "--fge-cycles", "2", "--fge-cycle-epochs", "1",
-        "--simplex-vertices", "1", "--simplex-epochs", "1"]
+        "--simplex-vertices", "1", "--simplex-epochs", "1", "--precision", "fp32"]
 
 
 def tiny_data(size=16):
@@ -833,6 +833,54 @@ def test_main_writes_every_output(tiny_run):
         torch.load(checkpoint(out, stage), weights_only=True)
 
 
+def test_fp32_run_is_what_the_functions_do_without_a_precision(tiny_run):
+    out, results = tiny_run
+    assert results["versions"]["precision"] == "fp32" and results["versions"]["bf16_training_speedup"] is None
+    data = mc.load_data("synthetic", None, "cpu", train_size=512, test_size=128, seed=0)
+    model = mc.new_model(data, width=4, seed=0, device="cpu")
+    mc.train_endpoint(model, data.train_x, data.train_y, 2, 64, 0.05, 5e-4, 4, 0, log=lambda s: None)
+    saved = torch.load(checkpoint(out, "endpoints"), weights_only=True)["result"]["states"][0]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # bit for bit
+
+
+def test_bf16_trains_as_well_as_fp32():
+    data = tiny_data()
+    accuracy = {}
+    for precision in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = mc.ConvNet(3, 10, 16, width=16)
+        mc.train_endpoint(model, data.train_x, data.train_y, 10, 32, 0.05, 5e-4, 2, 0, log=lambda s: None,
+                          precision=precision)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
+        weights = dict(model.named_parameters())
+        accuracy[precision] = mc.evaluate(model, weights, data.test_x, data.test_y, precision=precision)[1]
+    # a stale-weight mistake (one autocast context around the whole loop) would stay near chance, 0.1
+    assert accuracy[torch.float32] > 0.5 and abs(accuracy[torch.bfloat16] - accuracy[torch.float32]) < 0.1
+
+
+def test_bf16_run_records_its_precision_and_keeps_float32_weights(tmp_path):
+    results = mc.main(TINY + ["--precision", "bf16", "--out", str(tmp_path)])
+    assert results["versions"]["precision"] == "bf16" and results["config"]["precision"] == "bf16"
+    saved = torch.load(checkpoint(tmp_path, "curve"), weights_only=True)["result"]["points"][1]
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    assert all(math.isfinite(e["test_loss"]) for e in results["endpoints"])
+
+
+def test_auto_precision_measures_and_records_its_choice(tmp_path):
+    data = tiny_data()
+    model = mc.ConvNet(3, 10, 16, width=4)
+    name, speedup = mc.choose_precision("auto", model, data.train_x[:64], data.train_y[:64])
+    assert name == ("bf16" if speedup >= 1.2 else "fp32") and speedup > 0
+    assert all(p.grad is None for p in model.parameters())  # measured on a copy
+    assert mc.choose_precision("bf16", model, data.train_x[:64], data.train_y[:64]) == ("bf16", None)
+    small = [a for a in TINY if a not in ("--precision", "fp32")] + ["--epochs", "1", "--curve-epochs", "1",
+                                                                    "--fge-cycles", "0", "--simplex-vertices", "0"]
+    results = mc.main(small + ["--out", str(tmp_path)])
+    versions = results["versions"]
+    assert versions["precision_requested"] == "auto" and versions["precision"] in ("fp32", "bf16")
+    assert versions["bf16_training_speedup"] > 0 and results["config"]["precision"] == versions["precision"]
+
+
 def test_resume_reuses_what_matches_and_recomputes_the_same(tiny_run, tmp_path, capsys):
     out, first = tiny_run
     for ckpt in out.glob("*.pt"):  # a finished run's checkpoints (a fresh process repeats them: Ctrl-C test)
@@ -914,7 +962,8 @@ def run_cli(args, capsys):
     (["--fge-cycles", "-1"], ["--fge-cycles", ">= 0"]),
     (["--fge-lr", "0"], ["--fge-lr", "> 0"]),
     (["--simplex-vertices", "two"], ["--simplex-vertices", "'two'"]),
-    (["--layer-points", "3"], ["unrecognized", "--layer-points"]),  # removed: the layer-wise stage uses 11 values of t
+    (["--layer-points", "3"], ["unrecognized", "--layer-points"]),
+    (["--precision", "fp16"], ["--precision", "'fp16'"]),  # removed: the layer-wise stage uses 11 values of t
 ])
 def test_bad_options_exit_2_with_one_line(args, words, capsys):
     code, err = run_cli(args, capsys)
