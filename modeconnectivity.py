@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import timeit
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,9 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 1. Data                                                                                      │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 1. Data │ ───────────────────────────────────────────────────────────────────────────────
 DATASETS = ("cifar10", "mnist", "fashionmnist", "folder", "synthetic")
 
 
@@ -83,7 +82,8 @@ def read_folder(root, log=print):
     root, out = Path(root), []
     if not all((root / half).is_dir() for half in ("train", "test")):
         raise ValueError(f"--data-dir {root}: expected a folder with train/<class>/<image> and test/<class>/<image>")
-    visible = lambda folder: sorted(folder.glob("[!.]*"), key=lambda p: p.name)  # not .DS_Store, .ipynb_checkpoints
+    def visible(folder):  # sorted by name, hidden names such as .DS_Store or .ipynb_checkpoints left out
+        return sorted(folder.glob("[!.]*"), key=lambda p: p.name)
     classes, test_classes = ([p.name for p in visible(root / half) if p.is_dir()] for half in ("train", "test"))
     if classes != test_classes:
         raise ValueError(f"--data-dir {root}: train/ has classes {classes} but test/ has {test_classes}")
@@ -97,7 +97,7 @@ def read_folder(root, log=print):
                 raise ValueError(f"--data-dir {root}: {f} is not a readable image ({err})") from None
             if (i + 1) * 10 // len(files) > i * 10 // len(files):  # ten lines per half (progress: section 6)
                 progress(log, f"decoding {root / half} (once, then cached)", i + 1, len(files), start)
-        sizes = {tuple(img.shape[1:]): f for (f, _), img in zip(files, images)}  # (height, width) -> a file
+        sizes = {tuple(img.shape[1:]): f for (f, _), img in zip(files, images, strict=True)}  # (height, width): a file
         if len(sizes) != 1 or not 8 <= images[0].shape[1] == images[0].shape[2]:
             found = ", ".join(f"{f} is {h}x{w}" for (h, w), f in list(sizes.items())[:2]) or "no images"
             raise ValueError(f"--data-dir {root}: {half}/ needs square images of one size >= 8 px; {found}")
@@ -115,7 +115,8 @@ def read_torchvision(name, data_dir):
     except Exception as err:  # no network, a proxy, a broken file: all end here with one clear line
         raise ValueError(f"--dataset {name}: could not find or download it under --data-dir {data_dir} ({err}); "
                          f"put the files there or try --dataset synthetic") from None
-    nchw = lambda x: (x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]).contiguous()  # from NHWC or NHW
+    def nchw(x):  # (N, C, H, W) from (N, H, W, C) or (N, H, W)
+        return (x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]).contiguous()
     return (*[t for ds in (train, test) for t in (nchw(torch.as_tensor(ds.data)), torch.as_tensor(ds.targets))],
             list(train.classes))
 
@@ -141,13 +142,12 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
     mean = tx.float().mean((0, 2, 3), keepdim=True).to(device)  # per-channel statistics of the training images
     std = tx.float().std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device)
     # channels_last (N, H, W, C in memory): the layout the CPU convolutions ran fastest with (README)
-    prepare = lambda x: ((x.to(device).float() - mean) / std).contiguous(memory_format=torch.channels_last)
+    def prepare(x):
+        return ((x.to(device).float() - mean) / std).contiguous(memory_format=torch.channels_last)
     return Data(prepare(tx), ty.to(device), prepare(vx), vy.to(device), list(classes))
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 2. Model                                                                                     │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 2. Model │ ──────────────────────────────────────────────────────────────────────────────
 class ConvNet(nn.Module):
     """3x3 conv layers of width, 2*width, 4*width (BatchNorm if asked, ReLU, 2x2 max-pool), two linear with dropout."""
 
@@ -171,9 +171,7 @@ class ConvNet(nn.Module):
         return self.fc2(x)  # (B, num_classes) logits
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 3. Training the endpoints                                                                    │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 3. Training the endpoints │ ─────────────────────────────────────────────────────────────
 def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
     """One-cycle schedule: linear from 0 to peak_lr over the first `warmup` of the steps, then down to 0."""
     frac = (step + 1) / max(1, total_steps)
@@ -181,9 +179,7 @@ def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
 
 
 def autocast(device, precision):
-    """A context for ONE forward pass in `precision` (torch.bfloat16: matmuls and convolutions in bf16; float32: off).
-
-    Never around a whole loop: autocast keeps its bf16 copy of each weight until its context closes."""
+    """Autocast for ONE forward pass (float32: off); never around a loop, which would reuse its first bf16 weights."""
     return torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32)
 
 
@@ -225,15 +221,18 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
 def train_endpoint(model, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log=print,
                    precision=torch.float32):
     """Train one endpoint w: minimise CE + wd/2 ||w||^2 (the decay is applied by SGD). Returns the history."""
+    def forward(xb):  # the logits, no extra penalty: SGD's weight_decay is the wd/2 ||w||^2 term
+        return model(xb), 0.0
+
+    def lr_at(step, total_steps):
+        return one_cycle_lr(step, total_steps, lr)
     model.train()
-    return sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, epochs, batch_size,
-                      lambda step, total: one_cycle_lr(step, total, lr), weight_decay, augment_pad, seed, log,
-                      f"endpoint seed {seed}", precision)
+    return sgd_epochs(list(model.parameters()), forward, x, y, epochs=epochs, batch_size=batch_size, lr_at=lr_at,
+                      weight_decay=weight_decay, augment_pad=augment_pad, seed=seed, log=log,
+                      name=f"endpoint seed {seed}", precision=precision)
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 4. Curves                                                                                    │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 4. Curves │ ─────────────────────────────────────────────────────────────────────────────
 def bezier_coeffs(t, n):
     """Bezier weights of n control points: c_k(t) = C(n-1, k) t^k (1-t)^(n-1-k)."""
     if not 0.0 <= t <= 1.0:
@@ -255,16 +254,11 @@ def curve_point(points, coeffs):
     if any(p.keys() != points[0].keys() or any(p[k].shape != v.shape for k, v in points[0].items()) for p in points):
         raise ValueError("control points differ in their tensor names or shapes; they must describe one network")
     # empty_like(p0).copy_ keeps p0's memory layout (channels_last), in which convolutions ran up to 1.5x faster
-    return {name: torch.empty_like(p0).copy_(sum(c * p[name] for c, p in zip(coeffs, points) if c != 0))
+    return {name: torch.empty_like(p0).copy_(sum(c * p[name] for c, p in zip(coeffs, points, strict=True) if c != 0))
             for name, p0 in points[0].items()}
 
 
-COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}
-
-
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 5. Training the curve                                                                        │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 5. Training the curve │ ─────────────────────────────────────────────────────────────────
 def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log, name,
                  regulariser=None, precision=torch.float32):
     """Shared loop: per batch c = draw(gen), step L(phi) + wd/2 ||phi||^2 (+ regulariser), phi = sum_j c_j P_j."""
@@ -280,8 +274,10 @@ def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay
         return functional_call(model, {**buffers, **phi}, (xb,)), penalty
     model.train()
     params = [p for point in points for p in point.values() if isinstance(p, nn.Parameter)]
-    return sgd_epochs(params, forward, x, y, epochs, batch_size, lambda step, total: one_cycle_lr(step, total, lr),
-                      0.0, augment_pad, seed, log, name, precision)
+    def lr_at(step, total_steps):
+        return one_cycle_lr(step, total_steps, lr)
+    return sgd_epochs(params, forward, x, y, epochs=epochs, batch_size=batch_size, lr_at=lr_at, weight_decay=0.0,
+                      augment_pad=augment_pad, seed=seed, log=log, name=name, precision=precision)
 
 
 def detached(params):
@@ -310,23 +306,23 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
     w1, w2 = detached(parameters_of(model, w1)), detached(parameters_of(model, w2))
     middle = [{k: nn.Parameter(w1[k] + i / (bends + 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, bends + 1)]
     points = [w1, *middle, w2]
-    draw_t = lambda gen: coeffs(torch.rand((), generator=gen).item(), len(points))  # one t ~ U(0, 1) per batch
-    history = train_points(model, points, draw_t, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed,
-                           log, "curve", precision=precision)
+
+    def draw(gen):  # one t ~ U(0, 1) per batch, and the coefficients c_k(t)
+        return coeffs(torch.rand((), generator=gen).item(), len(points))
+    history = train_points(model, points, draw, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, augment_pad=augment_pad, seed=seed, log=log, name="curve",
+                           precision=precision)
     return [detached(p) for p in points], history
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 6. Walking along the curve                                                                   │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 6. Walking along the curve │ ────────────────────────────────────────────────────────────
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256, precision=torch.float32):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return params  # nothing to recompute, and no copy of the model made
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
-    norms = {name: m for name, m in probe.named_modules()  # the BatchNorm layers that keep running statistics
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    norms = {name: m for name, m in probe.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None  # cumulative average of the batch statistics
@@ -354,7 +350,7 @@ def evaluate(model, params, x, y, batch_size=256, precision=torch.float32):
 
 def barrier(values, ts):
     """Barrier height: max_t [ v(t) - ((1-t) v(0) + t v(1)) ], for values v at ts (ts[0]=0, ts[-1]=1)."""
-    return max(v - ((1 - t) * values[0] + t * values[-1]) for v, t in zip(values, ts))
+    return max(v - ((1 - t) * values[0] + t * values[-1]) for v, t in zip(values, ts, strict=True))
 
 
 def progress(log, name, done, total, start):
@@ -382,9 +378,7 @@ def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, lo
     return metrics, {path: torch.stack(lps) for path, lps in test_log_probs.items()}
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 7. Ensembling                                                                                │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 7. Ensembling │ ─────────────────────────────────────────────────────────────────────────
 def ensemble_metrics(log_probs, y, bins=15):
     """Accuracy, NLL = -mean log(1/K sum_k p_k(y)), ECE and reliability bins of K members' mean; log_probs (K, N, C)."""
     mean_log_p = torch.logsumexp(log_probs, 0) - math.log(log_probs.shape[0])  # (N, C)
@@ -404,9 +398,7 @@ def pair_along_t(log_probs, y):
     return [ensemble_metrics(torch.stack([log_probs[0], lp]), y)["acc"] for lp in log_probs]
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 8. Fast ensembles                                                                            │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 8. Fast ensembles │ ─────────────────────────────────────────────────────────────────────
 def fge_lr(step, cycle_steps, lr_high, lr_low):
     """Triangular cycle: lr_low -> lr_high at mid-cycle -> lr_low at the cycle's end, where FGE takes a snapshot."""
     frac = (step % cycle_steps + 1) / cycle_steps
@@ -418,12 +410,17 @@ def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low
     """Fast Geometric Ensembling: SGD from w with a cyclical rate (fge_lr); returns (cycle-end snapshots, history)."""
     parameters_of(model, w)  # checks that w describes the model
     model.load_state_dict({**model.state_dict(), **w})  # a parameter dict keeps the model's own statistics
+    def forward(xb):  # the logits, no extra penalty: SGD's weight_decay is the wd/2 ||w||^2 term
+        return model(xb), 0.0
+
+    def lr_at(step, cycle_steps):
+        return fge_lr(step, cycle_steps, lr_high, lr_low)
     model.train()
     snapshots, history = [], []
     for cycle in range(cycles):
-        history += sgd_epochs(list(model.parameters()), lambda xb: (model(xb), 0.0), x, y, cycle_epochs, batch_size,
-                              lambda step, total: fge_lr(step, total, lr_high, lr_low), weight_decay, augment_pad,
-                              seed + cycle, log, f"FGE cycle {cycle + 1}/{cycles}", precision)
+        history += sgd_epochs(list(model.parameters()), forward, x, y, epochs=cycle_epochs, batch_size=batch_size,
+                              lr_at=lr_at, weight_decay=weight_decay, augment_pad=augment_pad, seed=seed + cycle,
+                              log=log, name=f"FGE cycle {cycle + 1}/{cycles}", precision=precision)
         snapshots.append(detached(model.state_dict()))  # with BatchNorm: the statistics of training too
     return snapshots, history
 
@@ -438,8 +435,7 @@ def simplex_volume(vertices):
     """Cayley-Menger volume (differentiable): vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1], [1, D]], D = dist^2."""
     k = len(vertices) - 1
     rows = [torch.stack([sum((a[n] - b[n]).double().square().sum() for n in a) for b in vertices]) for a in vertices]
-    d = torch.stack(rows)  # (k+1, k+1) squared distances
-    cm = F.pad(d, (1, 0, 1, 0), value=1.0).fill_diagonal_(0)  # (k+2, k+2) [[0, 1^T], [1, D]]; D_ii = 0 already
+    cm = F.pad(torch.stack(rows), (1, 0, 1, 0), value=1.0).fill_diagonal_(0)  # (k+2, k+2) [[0, 1^T], [1, D]]
     volume_sq = (-1) ** (k + 1) * torch.linalg.det(cm) / (2 ** k * math.factorial(k) ** 2)
     return volume_sq.clamp_min(0).sqrt()
 
@@ -449,22 +445,26 @@ def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=12
     """Add vertices one by one: min E_{c~Dir(1)} [L(sum_j c_j V_j) + wd/2 ||.||^2] - lam log vol(V_0..V_k)."""
     vertices, history = [detached(parameters_of(model, v)) for v in vertices], []
     gen = torch.Generator().manual_seed(seed)
+
+    def draw(g):  # one uniform point of the simplex per batch: the vertices so far and the new one
+        return simplex_coeffs(len(vertices) + 1, g)
+
+    def spread(points):  # - lam log vol: rewards a new vertex that moves away from the others
+        return -lam * simplex_volume(points).log()
     for j in range(new_vertices):
         centre = {name: sum(v[name] for v in vertices) / len(vertices) for name in vertices[0]}
-        noise = {name: 0.01 * c.std() * torch.randn(c.shape, generator=gen).to(c) for name, c in centre.items()}
-        new = {name: nn.Parameter(p) for name, p in curve_point([centre, noise], [1, 1]).items()}  # near the centre
-        points = [*vertices, new]
-        draw_c = lambda g: simplex_coeffs(len(points), g)  # one uniform point of the simplex per batch
-        spread = lambda pts: -lam * simplex_volume(pts).log()
-        history += train_points(model, points, draw_c, x, y, epochs, batch_size, lr, weight_decay, augment_pad,
-                                seed + j, log, f"simplex vertex {len(points) - 1}", spread, precision)
+        new = {}
+        for name, c in centre.items():  # near the centre: noise of 1 % of the tensor's standard deviation
+            noise = 0.01 * c.std() * torch.randn(c.shape, generator=gen).to(c)
+            new[name] = nn.Parameter(torch.empty_like(c).copy_(c + noise))  # empty_like keeps c's memory layout
+        history += train_points(model, [*vertices, new], draw, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay, augment_pad=augment_pad, seed=seed + j, log=log,
+                                name=f"simplex vertex {len(vertices)}", regulariser=spread, precision=precision)
         vertices.append(detached(new))
     return vertices, history
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 9. Aligning neurons                                                                          │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 9. Aligning neurons │ ───────────────────────────────────────────────────────────────────
 class Group(NamedTuple):
     """Hidden units reordered together: unit u owns entries u*block .. u*block+block-1 along each listed axis."""
     units: int
@@ -485,7 +485,7 @@ def operation_kind(node, modules):
     name = str(name).replace("_", "").lower()  # nn.MaxPool2d, F.max_pool2d and x.relu_() alike
     tensors = len(node.all_input_nodes)
     if name in ("linear", "conv1d", "conv2d", "conv3d") and getattr(m, "groups", 1) == 1:
-        return "open"  # its output channels (features) are a new space of units; grouped convolutions are "other"
+        return "open" if name != "linear" or len(shape_of(node)) == 2 else "other"  # Linear: units on the last axis
     if name in ("batchnorm1d", "batchnorm2d", "batchnorm3d"):
         return "normalise"
     if name in ("add", "iadd", "sub") and tensors == 2:
@@ -506,8 +506,7 @@ def shape_of(node):
 
 
 def block_factor(node, kind):
-    """How many output entries per input entry along axis 1 (H*W for a flattened (B, C, H, W) map, else 1), or
-    None if the operation does not keep the units on axis 1."""
+    """Output entries per input entry on axis 1 (H*W for a flattened (B, C, H, W) map, else 1); None: units lost."""
     shape, before = shape_of(node), shape_of(node.all_input_nodes[0])
     if shape is None or before is None or min(len(shape), len(before)) < 2 or shape[0] != before[0]:
         return None
@@ -530,9 +529,7 @@ def root(parent, space):
 
 
 def trace_units(model, x):
-    """Follow the units through model's traced graph: [(space, tensor, axis, block, is_statistic)], parent, frozen.
-
-    A frozen space meets the input, the output or an operation not understood: it is never permuted."""
+    """Units through the traced graph: [(space, tensor, axis, block, is_statistic)], parent, frozen (never permuted)."""
     import torch.fx
     from torch.fx.passes.shape_prop import ShapeProp
     try:
@@ -552,8 +549,7 @@ def trace_units(model, x):
         factor = block_factor(node, kind) if kind not in ("open", "other", "ignore") and inputs else None
         if kind == "ignore":
             continue
-        if kind == "open" and len(inputs) == 1 and (len(shape) == 2 or node.target not in modules or
-                                                     not isinstance(modules[node.target], nn.Linear)):
+        if kind == "open" and len(inputs) == 1:
             space, block = inputs[0]
             entries.append((space, f"{node.target}.weight", 1, block, False))  # the units it reads
             parent.append(len(parent))  # a new space: the units it writes
@@ -561,15 +557,12 @@ def trace_units(model, x):
                 if getattr(modules[node.target], name) is not None:
                     entries.append((parent[-1], f"{node.target}.{name}", 0, 1, False))
             unit[node] = (parent[-1], 1)
-        elif kind == "normalise" and factor == 1:
-            space, block = inputs[0]
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(modules[node.target], name) is not None:
-                    entries.append((space, f"{node.target}.{name}", 0, block, name.startswith("running_")))
-            unit[node] = inputs[0]
-        elif kind in ("carry", "mean", "reshape") and factor is not None:
+        elif kind in ("normalise", "carry", "mean", "reshape") and factor is not None:  # the units stay on axis 1
             space, block = inputs[0]
             unit[node] = (space, block * factor)
+            for name in ("weight", "bias", "running_mean", "running_var"):  # BatchNorm's tensors: one entry per unit
+                if kind == "normalise" and getattr(modules[node.target], name) is not None:
+                    entries.append((space, f"{node.target}.{name}", 0, block, name.startswith("running_")))
         elif kind == "merge" and factor == 1 and len(inputs) == 2 and inputs[0][1] == inputs[1][1]:
             parent[root(parent, inputs[1][0])] = root(parent, inputs[0][0])
             unit[node] = inputs[0]
@@ -584,9 +577,7 @@ def trace_units(model, x):
 
 @torch.no_grad()
 def permutation_groups(model, x):
-    """{name: Group} of hidden units that can be reordered without changing model(x), found by tracing the forward.
-
-    Self-check: at weights made unlike each other, reordering each group at random leaves model(x) unchanged."""
+    """{name: Group} of hidden units that can be reordered without changing model(x) (traced, then self-checked)."""
     probe = copy.deepcopy(model).eval()  # traced and checked on a copy: the model stays as it was
     entries, parent, frozen = trace_units(probe, x)
     holder = {}
@@ -623,8 +614,7 @@ def permute_units(params, perms, groups):
     """The same function with hidden units reordered: along every axis of groups[name], slot u takes unit perm[u]."""
     out = dict(params)
     for name, perm in perms.items():
-        group = groups[name]
-        for tensor, axis, block in group.tensors + group.statistics:
+        for tensor, axis, block in groups[name].tensors + groups[name].statistics:
             if tensor in out:  # a parameter dict has no running statistics
                 entries = (perm[:, None] * block + torch.arange(block)).flatten()  # unit u's block of entries
                 moved = out[tensor].index_select(axis, entries.to(out[tensor].device))
@@ -653,10 +643,8 @@ def match_weights(w1, w2, groups, max_rounds=100):
         for name, group in groups.items():
             others = {k: p for k, p in perms.items() if k != name}  # every other group as it stands
             moved = permute_units({t: w2[t] for t, _, _ in group.tensors}, others, groups)
-            similarity = 0  # (units of w1, units of w2): sum over the group's tensors of <w1's unit u, w2's unit v>
-            for tensor, axis, _ in group.tensors:
-                similarity = similarity + unit_rows(w1[tensor], axis, group.units) @ unit_rows(moved[tensor], axis,
-                                                                                                 group.units).T
+            similarity = sum(unit_rows(w1[t], axis, group.units) @ unit_rows(moved[t], axis, group.units).T
+                             for t, axis, _ in group.tensors)  # (units of w1, units of w2): sum of <w1's u, w2's v>
             best = torch.as_tensor(linear_sum_assignment(similarity.cpu().numpy(), maximize=True)[1])
             changed = changed or not torch.equal(best, perms[name])
             perms[name] = best
@@ -683,9 +671,7 @@ def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000,
     return out
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 10. Landscape                                                                                │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 10. Landscape │ ─────────────────────────────────────────────────────────────────────────
 def dot(p, q):
     """Inner product of two weight dicts, as if each were one long vector."""
     return sum((p[k] * q[k]).sum() for k in p).item()
@@ -716,9 +702,7 @@ def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, lo
     return rows
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 11. Plots                                                                                    │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 11. Plots │ ─────────────────────────────────────────────────────────────────────────────
 def save_figure(axes, path, grid=True, **legend):
     """Legends (and grids) on the axes, then their Figure to PNG via a temporary file: never a half-written image."""
     for ax in axes:
@@ -737,8 +721,9 @@ def plot_landscape(losses, coords, curve_xy, marks, title, path):
     cs = ax.contourf(coords, coords, z, levels=levels, norm="log", cmap="viridis_r")
     ticks = [float(f"{v:.3g}") for v in levels[::3]]  # three significant digits, written out: 1940, not 1.94e+03
     ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=ticks, format="{x:g}")
-    ax.plot(*zip(*list(marks.values())[:2]), "--", color="white", lw=1.5, label="straight line")  # w1 to (aligned) w2
-    ax.plot(*zip(*curve_xy), "-", color="tab:red", lw=2, label="trained curve")
+    line_xy = list(marks.values())[:2]  # from w1 to w2 (or the aligned w2)
+    ax.plot(*zip(*line_xy, strict=True), "--", color="white", lw=1.5, label="straight line")
+    ax.plot(*zip(*curve_xy, strict=True), "-", color="tab:red", lw=2, label="trained curve")
     for name, xy in marks.items():
         ax.plot(*xy, "o", color="black", ms=6)
         ax.annotate(name, xy, xytext=(6, 6), textcoords="offset points", fontsize=11, weight="bold")
@@ -792,15 +777,14 @@ def plot_ensembles(ts, ens, pairs, title, path):
     save_figure(axes, path, fontsize=8)
 
 
-# ┌──────────────────────────────────────────────────────────────────────────────────────────────┐
-# │ 12. Command line                                                                             │
-# └──────────────────────────────────────────────────────────────────────────────────────────────┘
+# ──── │ 12. Command line │ ──────────────────────────────────────────────────────────────────────
 class Stages:
     """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt; resume reuses those that match."""
 
     def __init__(self, out, metas, resume, device, log=print):
         self.metas, self.log, self.timings, self.saved = metas, log, {}, {}
-        digest = lambda meta: hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+        def digest(meta):  # a short hash of the options, in the checkpoint's name
+            return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
         self.paths = {name: Path(out) / f"{name}-{digest(meta)}.pt" for name, meta in metas.items()}
         found = {name: path for name, path in self.paths.items() if resume and path.exists()}
         for name, path in found.items():  # loaded now: a damaged checkpoint is refused before hours of training
@@ -839,6 +823,8 @@ def number(kind, low, strict=False):
     return parse
 
 
+COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}  # --curve
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
 QUICK = {"epochs": 4, "curve_epochs": 12, "batch_size": 64, "train_subset": 4000, "test_subset": 500,
          "eval_train": 500, "points": 11, "grid": 9, "eval_test": 250, "width": 8, "fge_cycles": 2,
          "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1, "bn_images": 250}
@@ -932,11 +918,12 @@ def new_model(data, width, seed, device, batchnorm=False):
     return model.to(device, memory_format=torch.channels_last)
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def bf16_speedup(model, x, y, steps=3):
-    """How many times faster a training step of model on the batch (x, y) runs in bf16 than in float32."""
+def choose_precision(requested, model, x, y, steps=3):
+    """(name, bf16 speed-up or None). auto: bf16 on a CUDA GPU with bf16, or on a CPU if it trains >= 1.2x faster."""
+    if requested != "auto":
+        return requested, None
+    if x.device.type != "cpu":  # CUDA: bf16 if supported; MPS: float32
+        return ("bf16" if x.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"), None
     probe = copy.deepcopy(model).train()  # timed on a copy: the model's weights stay as they were
     seconds = {torch.float32: [], torch.bfloat16: []}
     for _ in range(steps + 1):  # in turn, fp32 then bf16, so that a busy machine slows both alike
@@ -947,20 +934,7 @@ def bf16_speedup(model, x, y, steps=3):
             F.cross_entropy(logits.float(), y).backward()
             times.append(time.perf_counter() - t0)
     fp32, bf16 = (sorted(times[1:])[steps // 2] for times in seconds.values())  # medians, the first (warm-up) left out
-    return fp32 / bf16
-
-
-def choose_precision(requested, model, x, y):
-    """(name, measured bf16 speed-up or None). auto: bf16 on a CUDA GPU that supports it, and on a CPU where
-    a few training steps of this model run at least 1.2 times faster in it; float32 everywhere else (MPS too)."""
-    if requested != "auto":
-        return requested, None
-    if x.device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp32"), None
-    if x.device.type != "cpu":
-        return "fp32", None
-    speedup = bf16_speedup(model, x, y)
-    return ("bf16" if speedup >= 1.2 else "fp32"), speedup
+    return ("bf16" if fp32 / bf16 >= 1.2 else "fp32"), fp32 / bf16
 
 
 def trained(result, history, name):
@@ -992,8 +966,9 @@ def fast_ensemble_stage(args, kind, model, w1, data, fit):
     """FGE snapshots ("fge") or samples of a simplex grown from w1: members, test log-probabilities, cost."""
     torch.manual_seed(args.seed + (3 if kind == "fge" else 4))  # dropout masks depend on the seed alone
     if kind == "fge":
-        members, history = fge_snapshots(model, w1, data.train_x, data.train_y, args.fge_cycles, args.fge_cycle_epochs,
-                                         args.fge_lr, seed=args.seed + 3, **fit)
+        members, history = fge_snapshots(model, w1, data.train_x, data.train_y, cycles=args.fge_cycles,
+                                         cycle_epochs=args.fge_cycle_epochs, lr_high=args.fge_lr, seed=args.seed + 3,
+                                         **fit)
     else:
         vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, args.simplex_vertices,
                                           args.simplex_epochs, lr=args.curve_lr, seed=args.seed + 4, **fit)
@@ -1011,7 +986,8 @@ def layerwise_stage(args, model, w1, targets, data, log):
     ts = [i / 10 for i in range(11)]  # t = 0, 0.1, ..., 1 for every run: fixed, unlike the sweep's --points
     n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
     small = data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n])
-    result = layerwise_barriers(model, w1, targets, ts, small, n, args.bn_images, log, PRECISIONS[args.precision])
+    result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images, log=log,
+                                precision=PRECISIONS[args.precision])
     return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * 2 * n}
 
 
@@ -1019,16 +995,15 @@ def landscape_stage(args, model, points, data, log):
     """Loss on a grid in the plane of w1, w2, theta (phi(0.5) for several bends); the paths' places in it."""
     coeffs, n = COEFFS[args.curve], len(points)
     theta = points[1] if n == 3 else curve_point(points, coeffs(0.5, n))
-    origin, e1, e2 = plane_axes(points[0], points[-1], theta)
-    xy = lambda w: plane_coords(w, origin, e1, e2)  # a weight dict's place in the plane
+    plane = plane_axes(points[0], points[-1], theta)  # origin, e1, e2
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
-    curve_xy = [xy(curve_point(points, coeffs(i / 60, n))) for i in range(61)]
+    curve_xy = [plane_coords(curve_point(points, coeffs(i / 60, n)), *plane) for i in range(61)]
     marks = {"w1": curve_xy[0], "aligned w2" if args.align_curve else "w2": curve_xy[-1],
-             "theta" if n == 3 else "phi(0.5)": xy(theta)}
+             "theta" if n == 3 else "phi(0.5)": plane_coords(theta, *plane)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    losses = landscape(model, origin, e1, e2, coords, x, y, data.train_x[:args.bn_images], log=log,
-                       precision=PRECISIONS[args.precision])
-    return {"test_loss": losses, "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
+    return {"test_loss": landscape(model, *plane, coords, x, y, data.train_x[:args.bn_images], log=log,
+                                   precision=PRECISIONS[args.precision]),
+            "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
 
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
@@ -1085,18 +1060,23 @@ def run(args, log=print):
            "precision": PRECISIONS[args.precision]}
     w1, w2 = stages.run("endpoints", lambda: endpoints_stage(args, data, fit))["states"]
     model = new_model(data, args.width, args.seed + 2, device, args.batchnorm)  # functional_call gives its weights
-    groups = permutation_groups(model, data.train_x[:4])  # hidden units that can be reordered together
-    aligned = match_weights(w1, w2, groups)  # w2 with its hidden units reordered to match w1's: the same function
+    aligned = match_weights(w1, w2, permutation_groups(model, data.train_x[:4]))  # w2's units in w1's order
     far = aligned if args.align_curve else w2
-    train = lambda: train_curve(model, w1, far, data.train_x, data.train_y, COEFFS[args.curve], args.bends,
-                                args.curve_epochs, lr=args.curve_lr, seed=args.seed + 2, **fit)
-    points = stages.run("curve", lambda: trained(*train(), "points"))["points"]
+
+    def curve_stage():  # the curve from w1 to w2, or to the aligned w2
+        points, history = train_curve(model, w1, far, data.train_x, data.train_y, coeffs=COEFFS[args.curve],
+                                      bends=args.bends, epochs=args.curve_epochs, lr=args.curve_lr,
+                                      seed=args.seed + 2, **fit)
+        return trained(points, history, "points")
+    points = stages.run("curve", curve_stage)["points"]
     paths = {"curve": (points, COEFFS[args.curve]), "line": ([w1, w2], bezier_coeffs),
              "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]
     sw = stages.run("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
-    fast = {kind: stages.run(kind, lambda: fast_ensemble_stage(args, kind, model, w1, data, fit))  # 0: skip it
-            for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)) if size > 0}
+    fast = {}  # FGE and the simplex; 0 cycles or 0 vertices skip one
+    for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)):
+        if size > 0:
+            fast[kind] = stages.run(kind, partial(fast_ensemble_stage, args, kind, model, w1, data=data, fit=fit))
     curve_lp = sw["log_probs"]["curve"]  # (T, N, C) along t; each ensemble's log-probs, cost in epochs beyond w1:
     members = {"w1": (curve_lp[:1], 0), "w2": (curve_lp[-1:], args.epochs), "w1+w2": (curve_lp[[0, -1]], args.epochs),
                "curve": (curve_lp, args.epochs + args.curve_epochs),
@@ -1114,7 +1094,8 @@ def run(args, log=print):
     plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
     stages.timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
-    results = collect_results(args, ts, sw["metrics"], ens, pairs, layers, land, stages.timings, model, w1, data)
+    results = collect_results(args, ts, sw["metrics"], ens=ens, pairs=pairs, layers=layers, land=land,
+                              timings=stages.timings, model=model, w1=w1, data=data)
     results["versions"].update({"precision": args.precision, "precision_requested": requested,
                                 "bf16_training_speedup": speedup})
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -165,7 +164,7 @@ def test_folder_dataset(tmp_path):
     assert data.train_x.shape == (6, 3, 8, 8) and data.classes == ["cat", "dog"]
     assert len(lines) == 12 and "decoding" in lines[5] and "6/6 done, 0 left" in lines[5]  # each half: 6 images
     assert sorted(data.train_y.tolist()) == [0, 0, 0, 1, 1, 1] and data.train_y.tolist() != [0, 0, 0, 1, 1, 1]
-    for x, y in zip(data.train_x, data.train_y):  # shuffled once, images and labels together
+    for x, y in zip(data.train_x, data.train_y, strict=True):  # shuffled once, images and labels together
         assert (x[0, 0, 0] > 0) == (y == 1)  # normalised red: cats (0-2) below the mean, dogs (40-42) above
     assert list(tmp_path.glob("folder-*-uint8.pt"))  # decoded once, cached for the next run
     lines.clear()
@@ -266,7 +265,7 @@ def test_chain_rule_and_only_middle_points_trained(trained):
     g_theta, g_w1 = grads[:len(theta)], grads[len(theta):]
     # chain rule: dL/dtheta = c_1(t) dL/dphi and dL/dw1 = c_0(t) dL/dphi
     c0, c1, _ = mc.bezier_coeffs(0.4, 3)
-    assert all(torch.allclose(gt / c1, gw / c0, atol=1e-5) for gt, gw in zip(g_theta, g_w1))
+    assert all(torch.allclose(gt / c1, gw / c0, atol=1e-5) for gt, gw in zip(g_theta, g_w1, strict=True))
     # train_curve's optimiser holds the middle points only: both bends move, the endpoints do not
     before = [{k: v.clone() for k, v in w.items()} for w in (w1, w2)]
     points, _ = mc.train_curve(model, w1, w2, data.train_x[:128], data.train_y[:128], mc.polychain_coeffs, 2,
@@ -367,7 +366,8 @@ def test_simplex_coeffs_are_uniform_on_the_simplex():
 
 
 def test_simplex_volume_by_hand():
-    point = lambda *xs: {"w": torch.tensor(xs, dtype=torch.float64)}
+    def point(*xs):  # a "network" with one weight tensor: a point of the plane or of space
+        return {"w": torch.tensor(xs, dtype=torch.float64)}
     assert mc.simplex_volume([point(0, 0), point(3, 4)]).item() == pytest.approx(5)  # a segment: its length
     assert mc.simplex_volume([point(0, 0), point(1, 0), point(0, 1)]).item() == pytest.approx(0.5)
     h = math.sqrt(3) / 2
@@ -381,8 +381,10 @@ def test_train_simplex_keeps_fixed_vertices_and_lowers_the_loss(trained):
     torch.manual_seed(0)  # dropout masks: the same whichever tests ran before
     x, y = data.train_x, data.train_y
     before = [{k: v.clone() for k, v in w.items()} for w in (w1, w2)]
-    mean_loss = lambda vertices: sum(mc.evaluate(model, mc.curve_point(vertices, mc.simplex_coeffs(3, gen)), x, y)[0]
-                                     for _ in range(8)) / 8
+
+    def mean_loss(vertices):  # the training loss at 8 uniform points of the simplex
+        return sum(mc.evaluate(model, mc.curve_point(vertices, mc.simplex_coeffs(3, gen)), x, y)[0]
+                   for _ in range(8)) / 8
     gen = torch.Generator().manual_seed(1)
     untrained = mc.curve_point([w1, w2], [0.5, 0.5])  # where train_simplex starts the new vertex: the centroid
     loss_untrained = mean_loss([w1, w2, untrained])
@@ -413,7 +415,8 @@ def test_convnet_groups_by_hand():
     assert groups["conv1"] == mc.Group(4, [("conv1.weight", 0, 1), ("conv1.bias", 0, 1), ("conv2.weight", 1, 1)], [])
     assert groups["conv3"].units == 16 and groups["conv3"].tensors[-1] == ("fc1.weight", 1, 4)  # 2x2 map per channel
     bn = convnet_groups(width=4, batchnorm=True)["conv2"]
-    assert ("bn2.weight", 0, 1) in bn.tensors and bn.statistics == [("bn2.running_mean", 0, 1), ("bn2.running_var", 0, 1)]
+    assert ("bn2.weight", 0, 1) in bn.tensors
+    assert bn.statistics == [("bn2.running_mean", 0, 1), ("bn2.running_var", 0, 1)]
 
 
 def test_permuted_network_computes_the_same_function():
@@ -459,7 +462,7 @@ def test_layerwise_paths_move_one_layer_and_keep_the_others_exactly(monkeypatch)
     w1, w2 = random_params(0), random_params(1)
     seen = {}
 
-    def recording_sweep(model, paths, ts, data, eval_train, bn_images, log):
+    def recording_sweep(model, paths, ts, data, eval_train, bn_images, log, precision):
         seen.update(paths)
         return {name: {"train_loss": [0.0] * len(ts), "test_acc": [1.0] * len(ts)} for name in paths}, None
 
@@ -507,7 +510,7 @@ def test_recompute_bn_against_a_reference_by_hand():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 dims = [0, 2, 3] if h.dim() == 4 else [0]
                 mean, var = h.mean(dims), h.var(dims)  # the running variance takes the unbiased one
-                sums[name] = [s + v for s, v in zip(sums.get(name, [0, 0]), (mean, var))]
+                sums[name] = [s + v for s, v in zip(sums.get(name, [0, 0]), (mean, var), strict=True)]
                 h = (h - mean[:, None, None] if h.dim() == 4 else h - mean)
                 h = h / (h.var(dims, unbiased=False, keepdim=h.dim() == 4) + m.eps).sqrt()
                 w, b = params[f"{name}.weight"], params[f"{name}.bias"]
@@ -1030,7 +1033,8 @@ def test_ctrl_c_keeps_checkpoints_and_resume_finishes(tiny_run, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     # A shell that starts this suite in the background makes its children ignore SIGINT, and so would the
     # child here: give it the default handling, whatever this process inherited.
-    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    def restore():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     proc = subprocess.Popen([sys.executable, str(HERE / "modeconnectivity.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     for line in proc.stdout:  # wait for an event, not for time: the first curve epoch has finished
@@ -1070,7 +1074,7 @@ def test_tutorial_code_blocks_run(tmp_path, monkeypatch):
 
 
 NOT_FUNCTIONS = {"DataLoader", "Figure", "logsumexp", "forward", "pad", "python", "w1", "w2", "weight_decay", "width",
-                 "conv1", "conv2", "conv3", "fc1", "draw", "lr_at",
+                 "conv1", "conv2", "conv3", "fc1", "draw", "lr_at", "precision", "auto", "bf16", "fp32", "versions",
                  "test_tutorial_code_blocks_run", *mc.DATASETS}
 
 
