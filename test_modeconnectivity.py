@@ -1074,7 +1074,8 @@ def test_tutorial_code_blocks_run(tmp_path, monkeypatch):
 
 
 NOT_FUNCTIONS = {"DataLoader", "Figure", "logsumexp", "forward", "pad", "python", "w1", "w2", "weight_decay", "width",
-                 "conv", "conv1", "conv2", "conv3", "fc1", "draw", "lr_at", "precision", "auto", "bf16", "fp32", "versions",
+                 "conv", "conv1", "conv2", "conv3", "fc1", "draw", "lr_at",
+                 "precision", "auto", "bf16", "fp32", "versions",  # option values and keys, not functions
                  "test_tutorial_code_blocks_run", *mc.DATASETS}
 
 
