@@ -79,16 +79,19 @@ def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0)
 def read_folder(root, log=print):
     """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors, skipping hidden names."""
     from PIL import Image  # Pillow comes with torchvision
-    root, out = Path(root), []
+    root = Path(root)
     if not all((root / half).is_dir() for half in ("train", "test")):
         raise ValueError(f"--data-dir {root}: expected a folder with train/<class>/<image> and test/<class>/<image>")
+
     def visible(folder):  # sorted by name, hidden names such as .DS_Store or .ipynb_checkpoints left out
         return sorted(folder.glob("[!.]*"), key=lambda p: p.name)
     classes, test_classes = ([p.name for p in visible(root / half) if p.is_dir()] for half in ("train", "test"))
     if classes != test_classes:
         raise ValueError(f"--data-dir {root}: train/ has classes {classes} but test/ has {test_classes}")
+    out = []
     for half in ("train", "test"):
-        files, images = [(f, k) for k, name in enumerate(classes) for f in visible(root / half / name)], []
+        files = [(f, k) for k, name in enumerate(classes) for f in visible(root / half / name)]
+        images = []
         start = time.perf_counter()
         for i, (f, _) in enumerate(files):
             try:
@@ -128,10 +131,9 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
     if name == "synthetic":
         tx, ty, vx, vy, classes = make_synthetic(train_size or 10000, test_size or 2000, image_size, seed=seed)
     else:
-        data_dir = Path(data_dir)
-        files = data_dir.glob("t*/[!.]*/[!.]*") if name == "folder" else []  # hidden names skipped, as in read_folder
+        files = Path(data_dir).glob("t*/[!.]*/[!.]*") if name == "folder" else []  # hidden names skipped (read_folder)
         listing = sorted(str(p.relative_to(data_dir)) for p in files)  # names the cache: new images, a new cache
-        cache = data_dir / f"{name}-v2-{hashlib.sha1(str(listing).encode()).hexdigest()[:10]}-uint8.pt"
+        cache = Path(data_dir) / f"{name}-v2-{hashlib.sha1(str(listing).encode()).hexdigest()[:10]}-uint8.pt"
         try:
             tx, ty, vx, vy, classes = torch.load(cache, weights_only=True)
         except Exception:  # no cache yet, or a damaged one: decode again
@@ -156,7 +158,7 @@ class ConvNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
-        norm = nn.BatchNorm2d if batchnorm else lambda channels: nn.Identity()  # Identity: no weights, no effect
+        norm = nn.BatchNorm2d if batchnorm else nn.Identity  # Identity ignores its argument: no weights, no effect
         self.bn1, self.bn2, self.bn3 = norm(width), norm(2 * width), norm(4 * width)
         self.fc1 = nn.Linear(4 * width * (image_size // 8) ** 2, 8 * width)  # after three 2x2 max-pools
         self.fc2 = nn.Linear(8 * width, num_classes)
@@ -218,18 +220,18 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
     return history
 
 
+def logits_only(model, xb):
+    """A forward for sgd_epochs with no extra penalty: SGD's weight_decay adds the wd/2 ||w||^2 term."""
+    return model(xb), 0.0
+
+
 def train_endpoint(model, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log=print,
                    precision=torch.float32):
     """Train one endpoint w: minimise CE + wd/2 ||w||^2 (the decay is applied by SGD). Returns the history."""
-    def forward(xb):  # the logits, no extra penalty: SGD's weight_decay is the wd/2 ||w||^2 term
-        return model(xb), 0.0
-
-    def lr_at(step, total_steps):
-        return one_cycle_lr(step, total_steps, lr)
     model.train()
-    return sgd_epochs(list(model.parameters()), forward, x, y, epochs=epochs, batch_size=batch_size, lr_at=lr_at,
-                      weight_decay=weight_decay, augment_pad=augment_pad, seed=seed, log=log,
-                      name=f"endpoint seed {seed}", precision=precision)
+    return sgd_epochs(list(model.parameters()), partial(logits_only, model), x, y, epochs=epochs,
+                      batch_size=batch_size, lr_at=partial(one_cycle_lr, peak_lr=lr), weight_decay=weight_decay,
+                      augment_pad=augment_pad, seed=seed, log=log, name=f"endpoint seed {seed}", precision=precision)
 
 
 # ──── │ 4. Curves │ ─────────────────────────────────────────────────────────────────────────────
@@ -253,31 +255,31 @@ def curve_point(points, coeffs):
         raise ValueError(f"{len(points)} control points, {len(coeffs)} coefficients: need as many, at least 2")
     if any(p.keys() != points[0].keys() or any(p[k].shape != v.shape for k, v in points[0].items()) for p in points):
         raise ValueError("control points differ in their tensor names or shapes; they must describe one network")
-    # empty_like(p0).copy_ keeps p0's memory layout (channels_last), in which convolutions ran up to 1.5x faster
-    return {name: torch.empty_like(p0).copy_(sum(c * p[name] for c, p in zip(coeffs, points, strict=True) if c != 0))
-            for name, p0 in points[0].items()}
+    phi = {}
+    for name, p0 in points[0].items():
+        value = sum(c * p[name] for c, p in zip(coeffs, points, strict=True) if c != 0)  # sum_k c_k P_k
+        # copied into P_0's memory layout (channels_last), in which the convolutions ran up to 1.5x faster
+        phi[name] = torch.empty_like(p0).copy_(value)
+    return phi
 
 
 # ──── │ 5. Training the curve │ ─────────────────────────────────────────────────────────────────
-def train_points(model, points, draw, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log, name,
-                 regulariser=None, precision=torch.float32):
-    """Shared loop: per batch c = draw(gen), step L(phi) + wd/2 ||phi||^2 (+ regulariser), phi = sum_j c_j P_j."""
+def train_points(model, points, draw, x, y, lr, weight_decay, seed, lam=0.0, **fit):
+    """Shared loop: per batch c = draw(len(points), gen), step L(phi) + wd/2 ||phi||^2 - lam log vol(points)."""
     gen = torch.Generator().manual_seed(seed + 12345)
     buffers = detached(dict(model.named_buffers()))  # BatchNorm updates these copies, not the model's own
 
-    def forward(xb):
-        phi = curve_point(points, draw(gen))
-        # ||phi||^2 as the sum of squared per-tensor norms; _foreach_norm computes all of them in one call
-        penalty = weight_decay / 2 * torch.stack(torch._foreach_norm(list(phi.values()))).square().sum()
-        if regulariser is not None:
-            penalty = penalty + regulariser(points)
+    def forward(xb):  # the logits at phi = sum_j c_j P_j, and the penalty
+        phi = curve_point(points, draw(len(points), gen))
+        norms = torch.stack([w.norm() for w in phi.values()])  # one norm per tensor of phi
+        penalty = weight_decay / 2 * norms.square().sum()  # wd/2 ||phi||^2
+        if lam:  # a simplex: - lam log vol rewards a new vertex that moves away from the others
+            penalty = penalty - lam * simplex_volume(points).log()
         return functional_call(model, {**buffers, **phi}, (xb,)), penalty
     model.train()
     params = [p for point in points for p in point.values() if isinstance(p, nn.Parameter)]
-    def lr_at(step, total_steps):
-        return one_cycle_lr(step, total_steps, lr)
-    return sgd_epochs(params, forward, x, y, epochs=epochs, batch_size=batch_size, lr_at=lr_at, weight_decay=0.0,
-                      augment_pad=augment_pad, seed=seed, log=log, name=name, precision=precision)
+    return sgd_epochs(params, forward, x, y, lr_at=partial(one_cycle_lr, peak_lr=lr), weight_decay=0.0, seed=seed,
+                      **fit)  # fit: epochs, batch_size, augment_pad, log, name, precision
 
 
 def detached(params):
@@ -307,11 +309,10 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
     middle = [{k: nn.Parameter(w1[k] + i / (bends + 1) * (w2[k] - w1[k])) for k in w1} for i in range(1, bends + 1)]
     points = [w1, *middle, w2]
 
-    def draw(gen):  # one t ~ U(0, 1) per batch, and the coefficients c_k(t)
-        return coeffs(torch.rand((), generator=gen).item(), len(points))
-    history = train_points(model, points, draw, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
-                           weight_decay=weight_decay, augment_pad=augment_pad, seed=seed, log=log, name="curve",
-                           precision=precision)
+    def draw(n, gen):  # one t ~ U(0, 1) per batch, and the coefficients c_k(t) of the n points
+        return coeffs(torch.rand((), generator=gen).item(), n)
+    history = train_points(model, points, draw, x, y, lr=lr, weight_decay=weight_decay, seed=seed, epochs=epochs,
+                           batch_size=batch_size, augment_pad=augment_pad, log=log, name="curve", precision=precision)
     return [detached(p) for p in points], history
 
 
@@ -386,10 +387,13 @@ def ensemble_metrics(log_probs, y, bins=15):
     conf, pred = mean_log_p.exp().max(1)
     correct = (pred == y).float()
     b = (conf * bins).ceil().long().clamp(1, bins) - 1  # bins (0, 1/15], (1/15, 2/15], ...
-    per_item = torch.stack([torch.ones_like(conf), correct, conf, correct - conf], 1)  # (N, 4)
-    count, right, sure, gap = torch.zeros(bins, 4, device=y.device).index_add_(0, b, per_item).T  # sums per bin
-    ece = (gap.abs().sum() / len(y)).item()  # sum over bins of (share of items) x |accuracy - confidence|
-    reliability = {"confidence": (sure / count)[count > 0].tolist(), "accuracy": (right / count)[count > 0].tolist()}
+    count = torch.bincount(b, minlength=bins)  # images per bin
+    right = torch.zeros(bins, device=y.device).index_add_(0, b, correct)  # correct answers per bin
+    sure = torch.zeros(bins, device=y.device).index_add_(0, b, conf)  # summed confidence per bin
+    ece = ((right - sure).abs().sum() / len(y)).item()  # sum over bins of (share of items) x |accuracy - confidence|
+    used = count > 0
+    reliability = {"confidence": (sure / count)[used].tolist(), "accuracy": (right / count)[used].tolist(),
+                   "count": count[used].tolist()}
     return {"acc": correct.mean().item(), "nll": nll, "ece": ece, "reliability": reliability}
 
 
@@ -410,17 +414,13 @@ def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low
     """Fast Geometric Ensembling: SGD from w with a cyclical rate (fge_lr); returns (cycle-end snapshots, history)."""
     parameters_of(model, w)  # checks that w describes the model
     model.load_state_dict({**model.state_dict(), **w})  # a parameter dict keeps the model's own statistics
-    def forward(xb):  # the logits, no extra penalty: SGD's weight_decay is the wd/2 ||w||^2 term
-        return model(xb), 0.0
-
-    def lr_at(step, cycle_steps):
-        return fge_lr(step, cycle_steps, lr_high, lr_low)
     model.train()
     snapshots, history = [], []
     for cycle in range(cycles):
-        history += sgd_epochs(list(model.parameters()), forward, x, y, epochs=cycle_epochs, batch_size=batch_size,
-                              lr_at=lr_at, weight_decay=weight_decay, augment_pad=augment_pad, seed=seed + cycle,
-                              log=log, name=f"FGE cycle {cycle + 1}/{cycles}", precision=precision)
+        history += sgd_epochs(list(model.parameters()), partial(logits_only, model), x, y, epochs=cycle_epochs,
+                              batch_size=batch_size, lr_at=partial(fge_lr, lr_high=lr_high, lr_low=lr_low),
+                              weight_decay=weight_decay, augment_pad=augment_pad, seed=seed + cycle, log=log,
+                              name=f"FGE cycle {cycle + 1}/{cycles}", precision=precision)
         snapshots.append(detached(model.state_dict()))  # with BatchNorm: the statistics of training too
     return snapshots, history
 
@@ -434,8 +434,9 @@ def simplex_coeffs(k, gen=None):
 def simplex_volume(vertices):
     """Cayley-Menger volume (differentiable): vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1], [1, D]], D = dist^2."""
     k = len(vertices) - 1
-    rows = [torch.stack([sum((a[n] - b[n]).double().square().sum() for n in a) for b in vertices]) for a in vertices]
-    cm = F.pad(torch.stack(rows), (1, 0, 1, 0), value=1.0).fill_diagonal_(0)  # (k+2, k+2) [[0, 1^T], [1, D]]
+    d2 = [[sum((a[n] - b[n]).double().square().sum() for n in a) for b in vertices] for a in vertices]  # D = dist^2
+    cm = F.pad(torch.stack([torch.stack(row) for row in d2]), (1, 0, 1, 0), value=1.0)  # [[1, 1^T], [1, D]]
+    cm[0, 0] = 0  # the bordered matrix [[0, 1^T], [1, D]]
     volume_sq = (-1) ** (k + 1) * torch.linalg.det(cm) / (2 ** k * math.factorial(k) ** 2)
     return volume_sq.clamp_min(0).sqrt()
 
@@ -445,21 +446,15 @@ def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=12
     """Add vertices one by one: min E_{c~Dir(1)} [L(sum_j c_j V_j) + wd/2 ||.||^2] - lam log vol(V_0..V_k)."""
     vertices, history = [detached(parameters_of(model, v)) for v in vertices], []
     gen = torch.Generator().manual_seed(seed)
-
-    def draw(g):  # one uniform point of the simplex per batch: the vertices so far and the new one
-        return simplex_coeffs(len(vertices) + 1, g)
-
-    def spread(points):  # - lam log vol: rewards a new vertex that moves away from the others
-        return -lam * simplex_volume(points).log()
     for j in range(new_vertices):
         centre = {name: sum(v[name] for v in vertices) / len(vertices) for name in vertices[0]}
         new = {}
         for name, c in centre.items():  # near the centre: noise of 1 % of the tensor's standard deviation
             noise = 0.01 * c.std() * torch.randn(c.shape, generator=gen).to(c)
             new[name] = nn.Parameter(torch.empty_like(c).copy_(c + noise))  # empty_like keeps c's memory layout
-        history += train_points(model, [*vertices, new], draw, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
-                                weight_decay=weight_decay, augment_pad=augment_pad, seed=seed + j, log=log,
-                                name=f"simplex vertex {len(vertices)}", regulariser=spread, precision=precision)
+        history += train_points(model, [*vertices, new], simplex_coeffs, x, y, lr=lr, weight_decay=weight_decay,
+                                seed=seed + j, lam=lam, epochs=epochs, batch_size=batch_size, augment_pad=augment_pad,
+                                log=log, name=f"simplex vertex {len(vertices)}", precision=precision)
         vertices.append(detached(new))
     return vertices, history
 
@@ -483,20 +478,15 @@ def operation_kind(node, modules):
     m = modules.get(node.target) if node.op == "call_module" else None
     name = type(m).__name__ if m is not None else getattr(node.target, "__name__", node.target)
     name = str(name).replace("_", "").lower()  # nn.MaxPool2d, F.max_pool2d and x.relu_() alike
-    tensors = len(node.all_input_nodes)
     if name in ("linear", "conv1d", "conv2d", "conv3d") and getattr(m, "groups", 1) == 1:
         return "open" if name != "linear" or len(shape_of(node)) == 2 else "other"  # Linear: units on the last axis
-    if name in ("batchnorm1d", "batchnorm2d", "batchnorm3d"):
-        return "normalise"
-    if name in ("add", "iadd", "sub") and tensors == 2:
+    if name in ("add", "iadd", "sub") and len(node.all_input_nodes) == 2:
         return "merge"  # a residual connection: both sides must share one order of units
-    if name in PER_UNIT or (name in ("add", "iadd", "sub", "mul", "truediv") and tensors == 1):
+    if name in PER_UNIT or (name in ("add", "iadd", "sub", "mul", "truediv") and len(node.all_input_nodes) == 1):
         return "carry"  # x * 0.5 or x + 1 keep the units; a product of two tensors (a gate) is "other"
-    if name in ("flatten", "view", "reshape"):
-        return "reshape"
-    if name in ("mean", "size", "dim"):
-        return "mean" if name == "mean" else "ignore"  # size and dim give numbers, not units
-    return "other"  # the input, the output, tensors read by custom code, anything else
+    kinds = {"batchnorm1d": "normalise", "batchnorm2d": "normalise", "batchnorm3d": "normalise", "flatten": "reshape",
+             "view": "reshape", "reshape": "reshape", "mean": "mean", "size": "ignore", "dim": "ignore"}
+    return kinds.get(name, "other")  # size, dim: numbers, not units; other: the input, the output, anything else
 
 
 def shape_of(node):
@@ -514,22 +504,20 @@ def block_factor(node, kind):
         return math.prod(before[2:])  # (B, C, H, W) -> (B, C*H*W): each channel's H*W entries stay together
     if kind == "mean":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if not dims or any(d % len(before) < 2 for d in dims):  # a mean over the batch or the units
+        if any(d % len(before) < 2 for d in ([dims] if isinstance(dims, int) else dims or [0])):  # batch or units
             return None
     same = all(shape_of(n) is not None and shape_of(n)[1:2] == shape[1:2] for n in node.all_input_nodes)
     return 1 if same else None
 
 
-def root(parent, space):
-    """Union-find: the space that `space` has been merged into (parent[s] == s for a root)."""
-    while parent[space] != space:
-        space = parent[space]
-    return space
+def join(parent, a, b):
+    """Union-find, kept flat (parent[s] is s's root): merge the spaces of a and b into the smaller root (0 wins)."""
+    a, b = sorted((parent[a], parent[b]))
+    parent[:] = [a if p == b else p for p in parent]
 
 
 def trace_units(model, x):
-    """Units through the traced graph: [(space, tensor, axis, block, is_statistic)], parent, frozen (never permuted)."""
+    """Units through the traced graph: [(space, tensor, axis, block, is_statistic)] and the union-find of spaces."""
     import torch.fx
     from torch.fx.passes.shape_prop import ShapeProp
     try:
@@ -540,60 +528,53 @@ def trace_units(model, x):
         raise ValueError(f"permutation_groups: torch.fx cannot trace {type(model).__name__} ({reason}); "
                          f"alignment needs a forward without data-dependent control flow") from None
     modules = dict(model.named_modules())
-    entries, parent, frozen = [], [], set()
+    entries = []
+    parent = [0]  # space 0: units kept in place (those of the input, the output, anything not understood)
     unit = {}  # node -> (space of its output's axis 1, entries per unit along that axis)
     for node in traced.graph.nodes:
         kind = operation_kind(node, modules)
         inputs = [unit[n] for n in node.all_input_nodes if n in unit]
-        shape = shape_of(node)
         factor = block_factor(node, kind) if kind not in ("open", "other", "ignore") and inputs else None
-        if kind == "ignore":
-            continue
+        space, block = inputs[0] if inputs else (0, 1)  # the units of the first tensor it reads
         if kind == "open" and len(inputs) == 1:
-            space, block = inputs[0]
             entries.append((space, f"{node.target}.weight", 1, block, False))  # the units it reads
             parent.append(len(parent))  # a new space: the units it writes
-            for name in ("weight", "bias"):
-                if getattr(modules[node.target], name) is not None:
-                    entries.append((parent[-1], f"{node.target}.{name}", 0, 1, False))
+            entries += [(parent[-1], f"{node.target}.{name}", 0, 1, False) for name in ("weight", "bias")
+                        if getattr(modules[node.target], name) is not None]  # one entry per unit it writes
             unit[node] = (parent[-1], 1)
         elif kind in ("normalise", "carry", "mean", "reshape") and factor is not None:  # the units stay on axis 1
-            space, block = inputs[0]
             unit[node] = (space, block * factor)
             for name in ("weight", "bias", "running_mean", "running_var"):  # BatchNorm's tensors: one entry per unit
                 if kind == "normalise" and getattr(modules[node.target], name) is not None:
                     entries.append((space, f"{node.target}.{name}", 0, block, name.startswith("running_")))
         elif kind == "merge" and factor == 1 and len(inputs) == 2 and inputs[0][1] == inputs[1][1]:
-            parent[root(parent, inputs[1][0])] = root(parent, inputs[0][0])
+            join(parent, inputs[0][0], inputs[1][0])
             unit[node] = inputs[0]
-        else:  # the spaces this operation touches stay as they are, and so does its output's
-            frozen.update(space for space, _ in inputs)
-            if shape is not None:
-                parent.append(len(parent))
-                frozen.add(parent[-1])
-                unit[node] = (parent[-1], 1)
-    return entries, parent, frozen
+        elif kind != "ignore":  # the spaces this operation touches stay as they are, and so does its output's
+            for space, _ in inputs:
+                join(parent, space, 0)
+            if shape_of(node) is not None:
+                unit[node] = (0, 1)
+    return entries, parent
 
 
 @torch.no_grad()
 def permutation_groups(model, x):
     """{name: Group} of hidden units that can be reordered without changing model(x) (traced, then self-checked)."""
     probe = copy.deepcopy(model).eval()  # traced and checked on a copy: the model stays as it was
-    entries, parent, frozen = trace_units(probe, x)
+    entries, parent = trace_units(probe, x)
     holder = {}
     for space, tensor, axis, _, _ in entries:  # one tensor axis met in two spaces: they are one space
-        other = holder.setdefault((tensor, axis), space)
-        parent[root(parent, space)] = root(parent, other)
-    frozen = {root(parent, space) for space in frozen}
+        join(parent, space, holder.setdefault((tensor, axis), space))
     members = {}
     for space, *entry in entries:
-        members.setdefault(root(parent, space), {})[tuple(entry)] = None  # an ordered set: a layer used twice
+        members.setdefault(parent[space], {})[tuple(entry)] = None  # an ordered set: a layer used twice
     state, groups = probe.state_dict(), {}
     for space, found in members.items():
         tensors = [(t, axis, block) for t, axis, block, statistic in found if not statistic]
         statistics = [(t, axis, block) for t, axis, block, statistic in found if statistic]
         sizes = {divmod(state[t].shape[axis], block) for t, axis, block, _ in found}  # {(units, 0)} if consistent
-        if space in frozen or not tensors or len(sizes) != 1 or next(iter(sizes))[1] != 0:
+        if space == 0 or not tensors or len(sizes) != 1 or next(iter(sizes))[1] != 0:
             continue  # left as it is: alignment may be partial, never a different function
         groups[tensors[0][0].rpartition(".")[0]] = Group(next(iter(sizes))[0], tensors, statistics)  # its first layer
     gen = torch.Generator().manual_seed(0)
@@ -616,15 +597,9 @@ def permute_units(params, perms, groups):
     for name, perm in perms.items():
         for tensor, axis, block in groups[name].tensors + groups[name].statistics:
             if tensor in out:  # a parameter dict has no running statistics
-                entries = (perm[:, None] * block + torch.arange(block)).flatten()  # unit u's block of entries
-                moved = out[tensor].index_select(axis, entries.to(out[tensor].device))
-                out[tensor] = torch.empty_like(params[tensor]).copy_(moved)  # keeps the memory layout (channels_last)
+                moved = out[tensor].unflatten(axis, (-1, block)).index_select(axis, perm.to(out[tensor].device))
+                out[tensor] = torch.empty_like(params[tensor]).copy_(moved.flatten(axis, axis + 1))  # layout kept
     return out
-
-
-def unit_rows(tensor, axis, units):
-    """(units, rest) in float64: one row per unit holding every entry of the tensor that belongs to it."""
-    return tensor.detach().double().movedim(axis, 0).reshape(units, -1)
 
 
 @torch.no_grad()
@@ -639,16 +614,15 @@ def match_weights(w1, w2, groups, max_rounds=100):
                     raise ValueError(f"weights: tensor {tensor} is {found}; its axis {axis} holds {group.units} units")
     perms = {name: torch.arange(group.units) for name, group in groups.items()}
     for _ in range(max_rounds):
-        changed = False
+        before = dict(perms)
         for name, group in groups.items():
             others = {k: p for k, p in perms.items() if k != name}  # every other group as it stands
             moved = permute_units({t: w2[t] for t, _, _ in group.tensors}, others, groups)
-            similarity = sum(unit_rows(w1[t], axis, group.units) @ unit_rows(moved[t], axis, group.units).T
-                             for t, axis, _ in group.tensors)  # (units of w1, units of w2): sum of <w1's u, w2's v>
-            best = torch.as_tensor(linear_sum_assignment(similarity.cpu().numpy(), maximize=True)[1])
-            changed = changed or not torch.equal(best, perms[name])
-            perms[name] = best
-        if not changed:
+            rows = [[w[t].double().movedim(axis, 0).reshape(group.units, -1) for w in (w1, moved)]  # w1's, w2's:
+                    for t, axis, _ in group.tensors]  # one row per unit, every entry of the tensor that it owns
+            similarity = sum(a @ b.T for a, b in rows)  # (units of w1, units of w2): sum of <w1's u, w2's v>
+            perms[name] = torch.as_tensor(linear_sum_assignment(similarity.cpu().numpy(), maximize=True)[1])
+        if all(torch.equal(perms[name], before[name]) for name in perms):  # a round that changed nothing
             break
     return permute_units(w2, perms, groups)
 
@@ -665,29 +639,18 @@ def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000,
     out = {path: {} for path in targets}
     for name, m in sweep(model, paths, ts, data, eval_train, bn_images, log=log, precision=precision)[0].items():
         path, layer = name.split()
-        errors = [1 - a for a in m["test_acc"]]
-        out[path][layer] = {"test_error": barrier(errors, ts), "train_loss": barrier(m["train_loss"], ts),
-                            "swapped_test_error": errors[-1]}
+        out[path][layer] = {"test_error": barrier([1 - a for a in m["test_acc"]], ts),
+                            "train_loss": barrier(m["train_loss"], ts), "swapped_test_error": 1 - m["test_acc"][-1]}
     return out
 
 
 # ──── │ 10. Landscape │ ─────────────────────────────────────────────────────────────────────────
-def dot(p, q):
-    """Inner product of two weight dicts, as if each were one long vector."""
-    return sum((p[k] * q[k]).sum() for k in p).item()
-
-
 def plane_axes(w1, w2, theta):
-    """The plane o + a e1 + b e2 through w1, w2, theta: o = theta, e1 = w1 - theta, e2 = w2 - theta."""
+    """The plane o + a e1 + b e2 through w1, w2, theta: o = theta, e1 = w1 - theta, e2 = w2 - theta.
+
+    A point c_0 w1 + c_1 theta + c_2 w2 with c_0 + c_1 + c_2 = 1 (a one-bend curve's phi(t)) sits at (c_0, c_2).
+    """
     return theta, curve_point([w1, theta], [1, -1]), curve_point([w2, theta], [1, -1])
-
-
-def plane_coords(w, origin, e1, e2):
-    """(a, b) minimising ||w - (origin + a e1 + b e2)||: exact in the plane, a projection off it."""
-    d = curve_point([w, origin], [1, -1])
-    g11, g12, g22, b1, b2 = dot(e1, e1), dot(e1, e2), dot(e2, e2), dot(d, e1), dot(d, e2)
-    det = g11 * g22 - g12 * g12  # the 2x2 normal equations by Cramer's rule: exactly (1, 0) at the axis e1 itself
-    return (b1 * g22 - b2 * g12) / det, (b2 * g11 - b1 * g12) / det
 
 
 def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, log=print, precision=torch.float32):
@@ -704,9 +667,9 @@ def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, lo
 
 # ──── │ 11. Plots │ ─────────────────────────────────────────────────────────────────────────────
 def save_figure(axes, path, grid=True, **legend):
-    """Legends (and grids) on the axes, then their Figure to PNG via a temporary file: never a half-written image."""
+    """Legends below the axes (off the data) and grids, then their Figure to PNG via a temporary file."""
     for ax in axes:
-        ax.legend(**legend)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), **legend)
         if grid:
             ax.grid(alpha=0.3)
     write_atomic(path, lambda tmp: axes[0].figure.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
@@ -716,27 +679,33 @@ def plot_landscape(losses, coords, curve_xy, marks, title, path):
     """Filled contour of the loss grid (log levels), the curve, the line, marks {name: (a, b)}: w1, w2, theta first."""
     from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
+    inside = [i for i, c in enumerate(coords) if 0 <= c <= 1] or list(range(len(coords)))  # around w1, w2, theta
+    top = z[np.ix_(inside, inside)].max()  # the far corners, higher still, share the top colour
     ax = Figure(figsize=(6, 5)).subplots()
-    levels = np.geomspace(z.min(), z.max(), 24)
-    cs = ax.contourf(coords, coords, z, levels=levels, norm="log", cmap="viridis_r")
-    ticks = [float(f"{v:.3g}") for v in levels[::3]]  # three significant digits, written out: 1940, not 1.94e+03
+    levels = np.geomspace(z.min(), top, 24)
+    cs = ax.contourf(coords, coords, np.minimum(z, top), levels=levels, norm="log", cmap="viridis_r")
+    round_values = [m * 10.0 ** k for k in range(-3, 5) for m in (1, 2, 5)]  # 0.001, 0.002, 0.005, ..., 50000
+    ticks = [float(f"{z.min():.2g}")] + [t for t in round_values if z.min() * 1.3 < t <= top]  # and the lowest loss
     ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=ticks, format="{x:g}")
-    line_xy = list(marks.values())[:2]  # from w1 to w2 (or the aligned w2)
-    ax.plot(*zip(*line_xy, strict=True), "--", color="white", lw=1.5, label="straight line")
-    ax.plot(*zip(*curve_xy, strict=True), "-", color="tab:red", lw=2, label="trained curve")
+    ax.plot(*zip(*list(marks.values())[:2], strict=True), "--", color="white", lw=1.5, label="straight line")
+    if curve_xy:  # a curve of several bends leaves the plane: not drawn
+        ax.plot(*zip(*curve_xy, strict=True), "-", color="tab:red", lw=2, label="trained curve")
     for name, xy in marks.items():
         ax.plot(*xy, "o", color="black", ms=6)
         ax.annotate(name, xy, xytext=(6, 6), textcoords="offset points", fontsize=11, weight="bold")
-    ax.set(xlabel="a: the point is {2} + a ({0} - {2}) + b ({1} - {2})".format(*marks), ylabel="b", title=title)
-    save_figure([ax], path, grid=False, loc="upper right", fontsize=8)
+    ax.set(xlabel="a (towards {0})".format(*marks), ylabel="b (towards {1})".format(*marks), title=title)
+    save_figure([ax], path, grid=False, ncols=2, fontsize=8, facecolor="0.6")  # grey: the white line shows
 
 
 PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned": ("^-.", "tab:green")}
+ENSEMBLE_COLOURS = {"w1": "tab:blue", "w2": "tab:cyan", "w1+w2": "tab:purple", "curve": "tab:red",
+                    "fge": "tab:orange", "simplex": "tab:brown"}  # the curve's red is the curve's in every figure
 
 
 def plot_sweep(ts, metrics, layerwise, title, path):
     """Test error and train loss along t on each path, then each layer's test-error barrier (layerwise)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator
     axes = Figure(figsize=(15, 3.8)).subplots(1, 3, gridspec_kw={"wspace": 0.3})
     for name, m in metrics.items():
         style, color = PATH_STYLES.get(name, (":", PATH_STYLES[name.split("_")[0]][1]))  # *_interpolated_bn: dotted
@@ -744,89 +713,77 @@ def plot_sweep(ts, metrics, layerwise, title, path):
         axes[1].plot(ts, m["train_loss"], style, color=color, label=name)
     axes[0].set(xlabel="t", ylabel="test error (%)", title=title)
     axes[1].set(xlabel="t", ylabel="train loss (nats)", yscale="log", title="train loss along t")
+    axes[1].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.1, 0.2, 0.5, 1, 2: labels that read as numbers
+    axes[1].yaxis.set_major_formatter("{x:g}")
     layers = list(layerwise["line"])
+    flat = []  # the paths on which no layer rises above its chord
     for i, (name, barriers) in enumerate(layerwise.items()):
         heights = [100 * barriers[layer]["test_error"] for layer in layers]  # points of test error
         axes[2].bar(np.arange(len(layers)) + 0.4 * i, heights, 0.4, color=PATH_STYLES[name][1], label=name)
+        if max(heights) <= 0:
+            flat.append(name)
     axes[2].set_xticks(np.arange(len(layers)) + 0.2, layers)
     axes[2].set(ylabel="test-error barrier (points)", title="one layer moves from w1, the others stay")
-    if all(b["test_error"] <= 0 for barriers in layerwise.values() for b in barriers.values()):  # nothing to draw
-        axes[2].text(0.5, 0.5, "no barrier: each path stays\nbelow its chord", ha="center", transform=axes[2].transAxes)
-    save_figure(axes, path)
+    if flat:  # bars of height 0 would be invisible: say so
+        axes[2].text(0.98, 0.95, f"{' and '.join(flat)}: no barrier at any layer", ha="right", va="top",
+                     transform=axes[2].transAxes)
+    save_figure(axes, path, ncols=2)
 
 
 def plot_ensembles(ts, ens, pairs, title, path):
     """Accuracy of each ensemble against its cost, reliability diagram, and {w1, phi(t)} pairs along t, in percent."""
     from matplotlib.figure import Figure
-    axes = Figure(figsize=(18, 4.5)).subplots(1, 3, gridspec_kw={"wspace": 0.25})
+    fig = Figure(figsize=(18, 4.5))
+    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.25})
+    fig.suptitle(f"{title}: ensembles", y=1.02)
     for name, e in ens.items():  # a legend, not labels at the points: points of similar cost would collide
         label = f"{name}: {e['size']} network(s), NLL {e['nll']:.3f}, ECE {e['ece']:.3f}"
-        axes[0].plot(e["epochs"], 100 * e["acc"], "o", ms=8, label=label)
-    axes[0].set(xlabel="training epochs beyond w1", ylabel="test accuracy (%)", title=f"{title}: ensembles")
+        axes[0].plot(e["epochs"], 100 * e["acc"], "o", ms=8, color=ENSEMBLE_COLOURS.get(name), label=label)
+    axes[0].set(xlabel="training epochs beyond w1", ylabel="test accuracy (%)", title="accuracy against cost")
     best = max((n for n in ens if n not in ("w1", "w2", "w1+w2")), key=lambda n: ens[n]["acc"])
     axes[1].plot([0, 100], [0, 100], ":", color="black", lw=1, label="perfect calibration")
     for name in ("w1", "w1+w2", best):
-        bins = ens[name]["reliability"]  # mean confidence and accuracy of each non-empty bin
-        axes[1].plot(100 * np.array(bins["confidence"]), 100 * np.array(bins["accuracy"]), "o-", label=name)
-    axes[1].set(xlabel="confidence (%)", ylabel="accuracy (%)", title="reliability (bins of confidence)")
+        bins = ens[name]["reliability"]  # mean confidence, accuracy and image count of each non-empty bin
+        share = np.array(bins["count"]) / sum(bins["count"])
+        conf, acc = 100 * np.array(bins["confidence"]), 100 * np.array(bins["accuracy"])
+        axes[1].plot(conf, acc, "-", color=ENSEMBLE_COLOURS.get(name), lw=1, label=name)
+        axes[1].scatter(conf, acc, s=4 + 400 * share, color=ENSEMBLE_COLOURS.get(name))
+    axes[1].set(xlabel="confidence (%)", ylabel="accuracy (%)", title="reliability (dot area: images in the bin)")
     for name, accs in pairs.items():
         axes[2].plot(ts, 100 * np.array(accs), PATH_STYLES[name][0], color=PATH_STYLES[name][1],
                      label=f"{{w1, phi(t)}} on the {name.replace('aligned', 'aligned line')}")
-    axes[2].axhline(100 * ens["w1+w2"]["acc"], color="tab:blue", lw=1, label="{w1, w2}")
+    axes[2].axhline(100 * ens["w1+w2"]["acc"], color=ENSEMBLE_COLOURS["w1+w2"], lw=1, label="{w1, w2}")
     axes[2].set(xlabel="t", ylabel="test accuracy (%)", title="two-model ensemble along t")
     save_figure(axes, path, fontsize=8)
 
 
 # ──── │ 12. Command line │ ──────────────────────────────────────────────────────────────────────
-class Stages:
-    """The stages of one run, each saved as OUT/<stage>-<hash of its options>.pt; resume reuses those that match."""
-
-    def __init__(self, out, metas, resume, device, log=print):
-        self.metas, self.log, self.timings, self.saved = metas, log, {}, {}
-        def digest(meta):  # a short hash of the options, in the checkpoint's name
-            return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
-        self.paths = {name: Path(out) / f"{name}-{digest(meta)}.pt" for name, meta in metas.items()}
-        found = {name: path for name, path in self.paths.items() if resume and path.exists()}
-        for name, path in found.items():  # loaded now: a damaged checkpoint is refused before hours of training
-            try:
-                saved = torch.load(path, map_location=device, weights_only=True)
-                same = saved["meta"] == metas[name]
-            except Exception as err:
-                raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it") from None
-            if not same:  # only if copied by hand: the file's name holds the hash of its options
-                raise ValueError(f"{path}: checkpoint of another configuration; delete it")
-            self.saved[name] = saved["result"]
-
-    def run(self, name, compute):
-        """compute() -> dict with "images" (how many went through the network); reused when resuming."""
-        result = self.saved.get(name)
-        if result is not None:
-            self.log(f"resume: reusing {self.paths[name]}")
-        else:
-            t0 = time.perf_counter()
-            result = {**compute(), "seconds": time.perf_counter() - t0}
-            write_atomic(self.paths[name], lambda tmp: torch.save({"meta": self.metas[name], "result": result}, tmp))
-        self.timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
-        return result
-
-
-def number(kind, low, strict=False):
-    """argparse type: an int or float >= low (> low if strict); the error names the value and the rule."""
-    def parse(text):
+def run_stage(args, name, compute, timings, log=print):
+    """compute() -> dict with "images", saved as OUT/<name>-<hash of its options>.pt (--resume: loaded back); timed."""
+    meta = {k: vars(args)[k] for k in STAGE_OPTIONS[name]}  # the options the stage depends on
+    path = Path(args.out) / f"{name}-{hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]}.pt"
+    if args.resume and path.exists():
         try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and (value > low or (value == low and not strict)):
-            return value
-        raise argparse.ArgumentTypeError(f"{text!r}: must be {kind.__name__} {'>' if strict else '>='} {low}")
-    return parse
+            saved = torch.load(path, map_location=args.device, weights_only=True)
+            same = saved["meta"] == meta
+        except Exception as err:
+            raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it") from None
+        if not same:  # only if copied by hand: the file's name holds the hash of its options
+            raise ValueError(f"{path}: checkpoint of another configuration; delete it")
+        log(f"resume: reusing {path}")
+        result = saved["result"]
+    else:
+        start = time.perf_counter()
+        result = {**compute(), "seconds": time.perf_counter() - start}
+        write_atomic(path, lambda tmp: torch.save({"meta": meta, "result": result}, tmp))
+    timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
+    return result
 
 
 COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}  # --curve
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
-QUICK = {"epochs": 4, "curve_epochs": 12, "batch_size": 64, "train_subset": 4000, "test_subset": 500,
-         "eval_train": 500, "points": 11, "grid": 9, "eval_test": 250, "width": 8, "fge_cycles": 2,
+QUICK = {"epochs": 4, "curve_epochs": 12, "curve_lr": 0.02, "batch_size": 64, "train_subset": 4000,
+         "test_subset": 500, "eval_train": 500, "points": 11, "grid": 9, "eval_test": 250, "width": 8, "fge_cycles": 2,
          "fge_cycle_epochs": 1, "simplex_vertices": 2, "simplex_epochs": 1, "bn_images": 250}
 
 # The options each stage depends on (its own and those of the stages it builds on): they name its checkpoint.
@@ -846,6 +803,17 @@ def build_parser():
     p = argparse.ArgumentParser(prog="modeconnectivity.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows defaults
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, without the usage block
+
+    def number(kind, low, strict=False):  # an argparse type: an int or float >= low (> low if strict)
+        def parse(text):
+            try:
+                value = kind(text)
+            except ValueError:
+                value = math.nan
+            if math.isfinite(value) and (value > low or (value == low and not strict)):
+                return value
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {kind.__name__} {'>' if strict else '>='} {low}")
+        return parse
     pos_int, pos_float, non_neg = number(int, 1), number(float, 0, strict=True), number(float, 0)
     g = p.add_argument_group("data").add_argument
     g("--dataset", default="cifar10", choices=DATASETS, help="data set")
@@ -903,11 +871,8 @@ def parse_args(argv):
     elif not available[args.device]:
         raise ValueError(f"--device {args.device}: not available on this machine; use --device cpu or auto")
     args.out = args.out or f"runs/{args.dataset}-{args.curve}"
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out).close()  # can we write there?
-    except OSError as err:
-        raise ValueError(f"--out {args.out}: cannot write there ({err.strerror})") from None
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # can we write there? An OSError now, not after hours of work
+    tempfile.TemporaryFile(dir=args.out).close()
     return args
 
 
@@ -937,11 +902,6 @@ def choose_precision(requested, model, x, y, steps=3):
     return ("bf16" if fp32 / bf16 >= 1.2 else "fp32"), fp32 / bf16
 
 
-def trained(result, history, name):
-    """A training stage's checkpoint: its result under `name`, the history and the images it went through."""
-    return {name: result, "history": history, "images": sum(h["images"] for h in history)}
-
-
 def endpoints_stage(args, data, fit):
     """Both endpoints: one training function, seeds args.seed and args.seed + 1 (fit: what all SGD runs share)."""
     states, history = [], []
@@ -949,7 +909,7 @@ def endpoints_stage(args, data, fit):
         model = new_model(data, args.width, seed, data.train_x.device, args.batchnorm)
         history += train_endpoint(model, data.train_x, data.train_y, args.epochs, lr=args.lr, seed=seed, **fit)
         states.append(detached(model.state_dict()))  # with BatchNorm: its running statistics too
-    return trained(states, history, "states")
+    return {"states": states, "history": history, "images": sum(h["images"] for h in history)}
 
 
 def sweep_stage(args, model, paths, ts, data, log):
@@ -992,14 +952,14 @@ def layerwise_stage(args, model, w1, targets, data, log):
 
 
 def landscape_stage(args, model, points, data, log):
-    """Loss on a grid in the plane of w1, w2, theta (phi(0.5) for several bends); the paths' places in it."""
+    """Loss on a grid in the plane of w1, w2, theta (phi(0.5) for several bends); the curve in it (one bend)."""
     coeffs, n = COEFFS[args.curve], len(points)
     theta = points[1] if n == 3 else curve_point(points, coeffs(0.5, n))
     plane = plane_axes(points[0], points[-1], theta)  # origin, e1, e2
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
-    curve_xy = [plane_coords(curve_point(points, coeffs(i / 60, n)), *plane) for i in range(61)]
-    marks = {"w1": curve_xy[0], "aligned w2" if args.align_curve else "w2": curve_xy[-1],
-             "theta" if n == 3 else "phi(0.5)": plane_coords(theta, *plane)}
+    curve_xy = [(c[0], c[2]) for c in (coeffs(i / 60, n) for i in range(61))] if n == 3 else []  # see plane_axes
+    marks = {"w1": (1.0, 0.0), "aligned w2" if args.align_curve else "w2": (0.0, 1.0),
+             "theta" if n == 3 else "phi(0.5)": (0.0, 0.0)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
     return {"test_loss": landscape(model, *plane, coords, x, y, data.train_x[:args.bn_images], log=log,
                                    precision=PRECISIONS[args.precision]),
@@ -1008,30 +968,23 @@ def landscape_stage(args, model, points, data, log):
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
     """results.json: accuracies and errors as fractions in [0, 1], losses in nats, speed ratios in images/s."""
-    precision = PRECISIONS[args.precision]  # plain inference in the run's own precision
-    passes = timeit.repeat(lambda: evaluate(model, w1, data.test_x, data.test_y, precision=precision), number=1,
-                           repeat=3)  # seconds
+    passes = timeit.repeat(partial(evaluate, model, w1, data.test_x, data.test_y, precision=PRECISIONS[args.precision]),
+                           number=1, repeat=3)  # seconds of plain inference, in the run's own precision
     plain = {"training": timings["endpoints"]["images_per_s"], "inference": len(data.test_x) / sorted(passes)[1]}
     against = {"training": ("curve", "fge", "simplex"), "inference": ("sweep", "layerwise", "landscape")}
     speed = {f"{name}_vs_plain_{kind}": timings[name]["images_per_s"] / plain[kind]  # each stage against plain ones
              for kind, names in against.items() for name in names if name in timings}
-    if args.batchnorm:  # seconds per point with statistics recomputed against without, from timings in this process
-        bn = sorted(timeit.repeat(lambda: recompute_bn(model, w1, data.train_x[:args.bn_images], precision=precision),
-                                  number=1, repeat=3))
-        for name, images in (("sweep", min(args.eval_train, len(data.train_x)) + len(data.test_x)),
-                             ("landscape", min(args.eval_test, len(data.test_x)))):  # images evaluated per point
-            speed[f"{name}_point_bn_vs_plain_seconds"] = 1 + bn[1] * plain["inference"] / images
     barriers = {path: {"train_loss": barrier(m["train_loss"], ts),
                        "test_error": barrier([1 - a for a in m["test_acc"]], ts)} for path, m in metrics.items()}
-    landscape = {"plane": "squeezed", "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
-                 **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "marks")}}
     return {"config": vars(args),
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "device": args.device,
-                         "threads": torch.get_num_threads()},
+                         "threads": torch.get_num_threads(), "precision": args.precision},
             "endpoints": [{"seed": args.seed + i, **{k: v[end] for k, v in metrics["curve"].items()}}
                           for i, end in enumerate((0, -1))],
             "sweep": {"t": ts, **metrics}, "barrier": barriers, "ensemble": {**ens, "pair_along_t": pairs},
-            "layerwise": layers, "landscape": landscape, "timings": timings,
+            "layerwise": layers, "timings": timings,
+            "landscape": {"plane": "squeezed", "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
+                          **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "marks")}},
             "efficiency": {"plain_inference_images_per_s": plain["inference"], **speed}}
 
 
@@ -1041,63 +994,55 @@ def run(args, log=print):
     torch.set_num_threads(args.threads or torch.get_num_threads())  # None: torch's own choice
     t0 = time.perf_counter()
     data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed, log=log)
-    data_seconds = time.perf_counter() - t0
+    timings = {"data": {"seconds": time.perf_counter() - t0, "images_per_s": None}}  # no image through the network
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
-    if any(len(labels.unique()) < len(data.classes) for labels in (data.train_y, data.test_y)):  # a small subset?
-        log(f"warning: of {len(data.classes)} classes, some have no train or test images (empty folder? small subset?)")
     if len(data.train_x) < args.batch_size:  # an epoch would be a single step on fewer images than a batch
         raise ValueError(f"{len(data.train_x)} training images: fewer than one batch (--batch-size {args.batch_size})")
-    requested, probe = args.precision, new_model(data, args.width, args.seed, device, args.batchnorm)
+    requested = args.precision
+    probe = new_model(data, args.width, args.seed, device, args.batchnorm)  # timed on one batch, then dropped
     batch = (data.train_x[:args.batch_size], data.train_y[:args.batch_size])
     args.precision, speedup = choose_precision(requested, probe, *batch)  # checkpoints are named with the choice
     log(f"precision: {args.precision} ({requested}" + (f"; bf16 trained {speedup:.2f}x as fast)" if speedup else ")"))
-    metas = {stage: {k: vars(args)[k] for k in options} for stage, options in STAGE_OPTIONS.items()}
-    stages = Stages(out, metas, args.resume, device, log)
-    stages.timings["data"] = {"seconds": data_seconds, "images_per_s": None}  # none through the network
-    pad = 0 if args.no_augment or data.train_x.shape[1] != 3 else 4
-    fit = {"batch_size": args.batch_size, "weight_decay": args.wd, "augment_pad": pad, "log": log,  # every SGD run's
-           "precision": PRECISIONS[args.precision]}
-    w1, w2 = stages.run("endpoints", lambda: endpoints_stage(args, data, fit))["states"]
+    stage = partial(run_stage, args, timings=timings, log=log)  # stage(name, compute) -> result, computed or reused
+    fit = {"batch_size": args.batch_size, "weight_decay": args.wd, "log": log, "precision": PRECISIONS[args.precision],
+           "augment_pad": 0 if args.no_augment or data.train_x.shape[1] != 3 else 4}  # what every SGD run shares
+    w1, w2 = stage("endpoints", lambda: endpoints_stage(args, data, fit))["states"]
     model = new_model(data, args.width, args.seed + 2, device, args.batchnorm)  # functional_call gives its weights
     aligned = match_weights(w1, w2, permutation_groups(model, data.train_x[:4]))  # w2's units in w1's order
-    far = aligned if args.align_curve else w2
 
     def curve_stage():  # the curve from w1 to w2, or to the aligned w2
-        points, history = train_curve(model, w1, far, data.train_x, data.train_y, coeffs=COEFFS[args.curve],
-                                      bends=args.bends, epochs=args.curve_epochs, lr=args.curve_lr,
-                                      seed=args.seed + 2, **fit)
-        return trained(points, history, "points")
-    points = stages.run("curve", curve_stage)["points"]
+        points, history = train_curve(model, w1, aligned if args.align_curve else w2, data.train_x, data.train_y,
+                                      coeffs=COEFFS[args.curve], bends=args.bends, epochs=args.curve_epochs,
+                                      lr=args.curve_lr, seed=args.seed + 2, **fit)
+        return {"points": points, "history": history, "images": sum(h["images"] for h in history)}
+    points = stage("curve", curve_stage)["points"]
     paths = {"curve": (points, COEFFS[args.curve]), "line": ([w1, w2], bezier_coeffs),
              "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]
-    sw = stages.run("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
-    fast = {}  # FGE and the simplex; 0 cycles or 0 vertices skip one
-    for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)):
-        if size > 0:
-            fast[kind] = stages.run(kind, partial(fast_ensemble_stage, args, kind, model, w1, data=data, fit=fit))
+    sw = stage("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
+    fast = {kind: stage(kind, partial(fast_ensemble_stage, args, kind, model, w1, data=data, fit=fit))  # FGE, simplex
+            for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)) if size > 0}  # 0: skipped
     curve_lp = sw["log_probs"]["curve"]  # (T, N, C) along t; each ensemble's log-probs, cost in epochs beyond w1:
     members = {"w1": (curve_lp[:1], 0), "w2": (curve_lp[-1:], args.epochs), "w1+w2": (curve_lp[[0, -1]], args.epochs),
                "curve": (curve_lp, args.epochs + args.curve_epochs),
-               **{name: (stage["log_probs"], stage["epochs"]) for name, stage in fast.items()}}
+               **{name: (result["log_probs"], result["epochs"]) for name, result in fast.items()}}
     ens = {name: {**ensemble_metrics(lp, data.test_y), "size": len(lp), "epochs": cost}
            for name, (lp, cost) in members.items()}
     pairs = {path: pair_along_t(lp, data.test_y) for path, lp in sw["log_probs"].items()}
     targets = {"line": w2, "aligned": aligned}
-    layers = stages.run("layerwise", lambda: layerwise_stage(args, model, w1, targets, data, log))["barriers"]
-    land = stages.run("landscape", lambda: landscape_stage(args, model, points, data, log))
+    layers = stage("layerwise", lambda: layerwise_stage(args, model, w1, targets, data, log))["barriers"]
+    land = stage("landscape", lambda: landscape_stage(args, model, points, data, log))
     t0 = time.perf_counter()
-    note = "" if args.bends == 1 else "\nplane through w1, w2, phi(0.5); the curve is projected onto it"
+    note = "" if args.bends == 1 else f"\nplane through w1, w2, phi(0.5); the curve of {args.bends} bends leaves it"
     plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["marks"],
                    f"{label}: test loss in the plane of the curve{note}", out / "landscape.png")
     plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
-    stages.timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
+    timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
     results = collect_results(args, ts, sw["metrics"], ens=ens, pairs=pairs, layers=layers, land=land,
-                              timings=stages.timings, model=model, w1=w1, data=data)
-    results["versions"].update({"precision": args.precision, "precision_requested": requested,
-                                "bf16_training_speedup": speedup})
+                              timings=timings, model=model, w1=w1, data=data)
+    results["versions"].update(precision_requested=requested, bf16_training_speedup=speedup)
     write_atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     barriers = ", ".join(f"{path} {b['test_error']:.4f}" for path, b in results["barrier"].items())
     log(f"done: test-error barriers {barriers}; wrote {out}/results.json")
