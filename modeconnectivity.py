@@ -191,9 +191,11 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
     gen = torch.Generator(device=x.device).manual_seed(seed)
     opt = torch.optim.SGD(params, lr=lr_at(0, 1), momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = max(1, len(x) // batch_size)  # the last partial batch is dropped, as in most recipes
-    history, start = [], time.perf_counter()
+    history = []
+    start = time.perf_counter()
     for epoch in range(epochs):
-        t0, loss_sum, correct = time.perf_counter(), 0.0, 0
+        t0 = time.perf_counter()
+        loss_sum, correct = 0.0, 0  # summed over the epoch's batches
         perm = torch.randperm(len(x), generator=gen, device=x.device)
         for i, idx in enumerate(perm[:steps * batch_size].split(batch_size)):
             xb = augment(x[idx], augment_pad, gen) if augment_pad else x[idx]
@@ -211,7 +213,8 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
             opt.step()
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
-        seconds, seen = time.perf_counter() - t0, steps * min(batch_size, len(x))
+        seconds = time.perf_counter() - t0
+        seen = steps * min(batch_size, len(x))  # images trained on in this epoch
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "seconds": seconds,
                         "images": seen, "images_per_s": seen / seconds})
         left = (time.perf_counter() - start) / (epoch + 1) * (epochs - epoch - 1)
@@ -264,8 +267,11 @@ def curve_point(points, coeffs):
 
 
 # ──── │ 5. Training the curve │ ─────────────────────────────────────────────────────────────────
-def train_points(model, points, draw, x, y, lr, weight_decay, seed, lam=0.0, **fit):
-    """Shared loop: per batch c = draw(len(points), gen), step L(phi) + wd/2 ||phi||^2 - lam log vol(points)."""
+def train_points(model, points, draw, x, y, lr, weight_decay, seed, lam=0.0, **sgd_options):
+    """Shared loop: per batch c = draw(len(points), gen), step L(phi) + wd/2 ||phi||^2 - lam log vol(points).
+
+    sgd_options go to sgd_epochs: epochs, batch_size, augment_pad, log, name and precision.
+    """
     gen = torch.Generator().manual_seed(seed + 12345)
     buffers = detached(dict(model.named_buffers()))  # BatchNorm updates these copies, not the model's own
 
@@ -279,7 +285,7 @@ def train_points(model, points, draw, x, y, lr, weight_decay, seed, lam=0.0, **f
     model.train()
     params = [p for point in points for p in point.values() if isinstance(p, nn.Parameter)]
     return sgd_epochs(params, forward, x, y, lr_at=partial(one_cycle_lr, peak_lr=lr), weight_decay=0.0, seed=seed,
-                      **fit)  # fit: epochs, batch_size, augment_pad, log, name, precision
+                      **sgd_options)  # weight decay is in the penalty, at phi
 
 
 def detached(params):
@@ -317,13 +323,16 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 
 
 # ──── │ 6. Walking along the curve │ ────────────────────────────────────────────────────────────
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
+
+
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256, precision=torch.float32):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not any(isinstance(m, BATCH_NORMS) for m in model.modules()):
         return params  # nothing to recompute, and no copy of the model made
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
-    norms = {name: m for name, m in probe.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    norms = {name: m for name, m in probe.named_modules() if isinstance(m, BATCH_NORMS)}
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None  # cumulative average of the batch statistics
@@ -371,7 +380,7 @@ def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, lo
         if bn_images > 0:  # BatchNorm statistics recomputed at each point; 0: interpolated ones
             phi = recompute_bn(model, phi, data.train_x[:bn_images], batch_size, precision)
         for split, (xs, ys) in splits.items():
-            loss, acc, lp = evaluate(model, phi, xs, ys, batch_size, precision)
+            loss, acc, lp = evaluate(model, phi, xs, ys, batch_size=batch_size, precision=precision)
             metrics[path][f"{split}_loss"].append(loss)
             metrics[path][f"{split}_acc"].append(acc)
         test_log_probs[path].append(lp)  # the test split's, for the ensembles
@@ -425,9 +434,9 @@ def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low
     return snapshots, history
 
 
-def simplex_coeffs(k, gen=None):
-    """A uniform point of the simplex with k vertices (Dirichlet(1, ..., 1)): c_j = e_j / sum_i e_i, e_j ~ Exp(1)."""
-    e = torch.empty(k, dtype=torch.float64).exponential_(generator=gen)
+def simplex_coeffs(n, gen=None):
+    """A uniform point of the simplex with n vertices (Dirichlet(1, ..., 1)): c_j = e_j / sum_i e_i, e_j ~ Exp(1)."""
+    e = torch.empty(n, dtype=torch.float64).exponential_(generator=gen)
     return (e / e.sum()).tolist()
 
 
@@ -444,7 +453,8 @@ def simplex_volume(vertices):
 def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4,
                   lam=1e-3, augment_pad=4, seed=0, log=print, precision=torch.float32):
     """Add vertices one by one: min E_{c~Dir(1)} [L(sum_j c_j V_j) + wd/2 ||.||^2] - lam log vol(V_0..V_k)."""
-    vertices, history = [detached(parameters_of(model, v)) for v in vertices], []
+    vertices = [detached(parameters_of(model, v)) for v in vertices]
+    history = []
     gen = torch.Generator().manual_seed(seed)
     for j in range(new_vertices):
         centre = {name: sum(v[name] for v in vertices) / len(vertices) for name in vertices[0]}
@@ -504,7 +514,8 @@ def block_factor(node, kind):
         return math.prod(before[2:])  # (B, C, H, W) -> (B, C*H*W): each channel's H*W entries stay together
     if kind == "mean":
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if any(d % len(before) < 2 for d in ([dims] if isinstance(dims, int) else dims or [0])):  # batch or units
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims or any(d % len(before) < 2 for d in dims):  # a mean over everything, the batch or the units
             return None
     same = all(shape_of(n) is not None and shape_of(n)[1:2] == shape[1:2] for n in node.all_input_nodes)
     return 1 if same else None
@@ -512,8 +523,8 @@ def block_factor(node, kind):
 
 def join(parent, a, b):
     """Union-find, kept flat (parent[s] is s's root): merge the spaces of a and b into the smaller root (0 wins)."""
-    a, b = sorted((parent[a], parent[b]))
-    parent[:] = [a if p == b else p for p in parent]
+    keep, drop = sorted((parent[a], parent[b]))  # the two roots
+    parent[:] = [keep if p == drop else p for p in parent]
 
 
 def trace_units(model, x):
@@ -569,7 +580,8 @@ def permutation_groups(model, x):
     members = {}
     for space, *entry in entries:
         members.setdefault(parent[space], {})[tuple(entry)] = None  # an ordered set: a layer used twice
-    state, groups = probe.state_dict(), {}
+    state = probe.state_dict()
+    groups = {}
     for space, found in members.items():
         tensors = [(t, axis, block) for t, axis, block, statistic in found if not statistic]
         statistics = [(t, axis, block) for t, axis, block, statistic in found if statistic]
@@ -618,9 +630,11 @@ def match_weights(w1, w2, groups, max_rounds=100):
         for name, group in groups.items():
             others = {k: p for k, p in perms.items() if k != name}  # every other group as it stands
             moved = permute_units({t: w2[t] for t, _, _ in group.tensors}, others, groups)
-            rows = [[w[t].double().movedim(axis, 0).reshape(group.units, -1) for w in (w1, moved)]  # w1's, w2's:
-                    for t, axis, _ in group.tensors]  # one row per unit, every entry of the tensor that it owns
-            similarity = sum(a @ b.T for a, b in rows)  # (units of w1, units of w2): sum of <w1's u, w2's v>
+            similarity = 0  # (units of w1, units of w2): sum over the group's tensors of <w1's unit u, w2's unit v>
+            for t, axis, _ in group.tensors:  # one row per unit, holding every entry of the tensor that it owns
+                rows1 = w1[t].double().movedim(axis, 0).reshape(group.units, -1)
+                rows2 = moved[t].double().movedim(axis, 0).reshape(group.units, -1)
+                similarity = similarity + rows1 @ rows2.T
             perms[name] = torch.as_tensor(linear_sum_assignment(similarity.cpu().numpy(), maximize=True)[1])
         if all(torch.equal(perms[name], before[name]) for name in perms):  # a round that changed nothing
             break
@@ -637,7 +651,8 @@ def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000,
             step = {k: target[k] - v if k.rpartition(".")[0] == layer else torch.zeros_like(v) for k, v in w1.items()}
             paths[f"{path} {layer}"] = ([w1, step], lambda t, n: [1.0, t])  # w1 + t step: the other layers stay w1
     out = {path: {} for path in targets}
-    for name, m in sweep(model, paths, ts, data, eval_train, bn_images, log=log, precision=precision)[0].items():
+    metrics = sweep(model, paths, ts, data, eval_train=eval_train, bn_images=bn_images, log=log, precision=precision)[0]
+    for name, m in metrics.items():
         path, layer = name.split()
         out[path][layer] = {"test_error": barrier([1 - a for a in m["test_acc"]], ts),
                             "train_loss": barrier(m["train_loss"], ts), "swapped_test_error": 1 - m["test_acc"][-1]}
@@ -660,7 +675,7 @@ def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, lo
         points = [curve_point([origin, e1, e2], [1, a, b]) for a in coords]
         if bn_x is not None:
             points = [recompute_bn(model, w, bn_x, batch_size, precision) for w in points]
-        rows.append([evaluate(model, w, x, y, batch_size, precision)[0] for w in points])
+        rows.append([evaluate(model, w, x, y, batch_size=batch_size, precision=precision)[0] for w in points])
         progress(log, "landscape rows", len(rows), len(coords), start)
     return rows
 
@@ -680,14 +695,15 @@ def plot_landscape(losses, coords, curve_xy, marks, title, path):
     from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
     inside = [i for i, c in enumerate(coords) if 0 <= c <= 1] or list(range(len(coords)))  # around w1, w2, theta
-    top = z[np.ix_(inside, inside)].max()  # the far corners, higher still, share the top colour
+    top = max(z[np.ix_(inside, inside)].max(), 1.01 * z.min())  # the far corners, higher still, share the top colour
     ax = Figure(figsize=(6, 5)).subplots()
     levels = np.geomspace(z.min(), top, 24)
     cs = ax.contourf(coords, coords, np.minimum(z, top), levels=levels, norm="log", cmap="viridis_r")
     round_values = [m * 10.0 ** k for k in range(-3, 5) for m in (1, 2, 5)]  # 0.001, 0.002, 0.005, ..., 50000
-    ticks = [float(f"{z.min():.2g}")] + [t for t in round_values if z.min() * 1.3 < t <= top]  # and the lowest loss
-    ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=ticks, format="{x:g}")
-    ax.plot(*zip(*list(marks.values())[:2], strict=True), "--", color="white", lw=1.5, label="straight line")
+    ticks = [z.min()] + [t for t in round_values if z.min() * 1.3 < t <= top]  # the lowest loss, then round values
+    ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=ticks, format="{x:.3g}")
+    line_xy = list(marks.values())[:2]  # from w1 to w2 (or the aligned w2)
+    ax.plot(*zip(*line_xy, strict=True), "--", color="white", lw=1.5, label="straight line")
     if curve_xy:  # a curve of several bends leaves the plane: not drawn
         ax.plot(*zip(*curve_xy, strict=True), "-", color="tab:red", lw=2, label="trained curve")
     for name, xy in marks.items():
@@ -871,8 +887,11 @@ def parse_args(argv):
     elif not available[args.device]:
         raise ValueError(f"--device {args.device}: not available on this machine; use --device cpu or auto")
     args.out = args.out or f"runs/{args.dataset}-{args.curve}"
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # can we write there? An OSError now, not after hours of work
-    tempfile.TemporaryFile(dir=args.out).close()
+    try:  # can we write there? Better to know now than after hours of training
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as err:
+        raise ValueError(f"--out {args.out}: cannot write there ({err.strerror})") from None
     return args
 
 
@@ -916,8 +935,10 @@ def sweep_stage(args, model, paths, ts, data, log):
     """The paths along t; with BatchNorm also the line and aligned line with the endpoints' statistics interpolated."""
     naive = {f"{path}_interpolated_bn": paths[path] for path in ("line", "aligned") if args.batchnorm}  # the naive view
     precision = PRECISIONS[args.precision]
-    metrics, log_probs = sweep(model, paths, ts, data, args.eval_train, args.bn_images, log=log, precision=precision)
-    metrics.update(sweep(model, naive, ts, data, args.eval_train, bn_images=0, log=log, precision=precision)[0])
+    metrics, log_probs = sweep(model, paths, ts, data, eval_train=args.eval_train, bn_images=args.bn_images, log=log,
+                               precision=precision)
+    metrics.update(sweep(model, naive, ts, data, eval_train=args.eval_train, bn_images=0, log=log,
+                         precision=precision)[0])
     per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)  # images evaluated at a point
     return {"metrics": metrics, "log_probs": log_probs, "images": len(ts) * (len(paths) + len(naive)) * per_point}
 
@@ -930,8 +951,8 @@ def fast_ensemble_stage(args, kind, model, w1, data, fit):
                                          cycle_epochs=args.fge_cycle_epochs, lr_high=args.fge_lr, seed=args.seed + 3,
                                          **fit)
     else:
-        vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, args.simplex_vertices,
-                                          args.simplex_epochs, lr=args.curve_lr, seed=args.seed + 4, **fit)
+        vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, new_vertices=args.simplex_vertices,
+                                          epochs=args.simplex_epochs, lr=args.curve_lr, seed=args.seed + 4, **fit)
         gen = torch.Generator().manual_seed(args.seed + 5)  # 8 samples, fixed: free of training, a test pass each
         members = [curve_point(vertices, simplex_coeffs(len(vertices), gen)) for _ in range(8)]
     with_stats = [recompute_bn(model, w, data.train_x[:args.bn_images], precision=fit["precision"]) for w in members]
@@ -946,24 +967,28 @@ def layerwise_stage(args, model, w1, targets, data, log):
     ts = [i / 10 for i in range(11)]  # t = 0, 0.1, ..., 1 for every run: fixed, unlike the sweep's --points
     n = min(args.eval_test, len(data.train_x), len(data.test_x))  # train and test images per point
     small = data._replace(test_x=data.test_x[:n], test_y=data.test_y[:n])
-    result = layerwise_barriers(model, w1, targets, ts, small, n, bn_images=args.bn_images, log=log,
+    result = layerwise_barriers(model, w1, targets, ts, small, eval_train=n, bn_images=args.bn_images, log=log,
                                 precision=PRECISIONS[args.precision])
     return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * 2 * n}
 
 
 def landscape_stage(args, model, points, data, log):
     """Loss on a grid in the plane of w1, w2, theta (phi(0.5) for several bends); the curve in it (one bend)."""
-    coeffs, n = COEFFS[args.curve], len(points)
-    theta = points[1] if n == 3 else curve_point(points, coeffs(0.5, n))
+    coeffs = COEFFS[args.curve]
+    one_bend = len(points) == 3
+    theta = points[1] if one_bend else curve_point(points, coeffs(0.5, len(points)))
     plane = plane_axes(points[0], points[-1], theta)  # origin, e1, e2
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
-    curve_xy = [(c[0], c[2]) for c in (coeffs(i / 60, n) for i in range(61))] if n == 3 else []  # see plane_axes
+    curve_xy = []  # a curve of several bends leaves the plane: not drawn
+    if one_bend:  # phi(t) = c_0 w1 + c_1 theta + c_2 w2 sits at (c_0, c_2): see plane_axes
+        curve_xy = [(c[0], c[2]) for c in (coeffs(i / 60, 3) for i in range(61))]
     marks = {"w1": (1.0, 0.0), "aligned w2" if args.align_curve else "w2": (0.0, 1.0),
-             "theta" if n == 3 else "phi(0.5)": (0.0, 0.0)}
+             "theta" if one_bend else "phi(0.5)": (0.0, 0.0)}
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    return {"test_loss": landscape(model, *plane, coords, x, y, data.train_x[:args.bn_images], log=log,
-                                   precision=PRECISIONS[args.precision]),
-            "coords": coords, "curve_xy": curve_xy, "marks": marks, "images": len(coords) ** 2 * len(x)}
+    losses = landscape(model, *plane, coords=coords, x=x, y=y, bn_x=data.train_x[:args.bn_images], log=log,
+                       precision=PRECISIONS[args.precision])
+    return {"test_loss": losses, "coords": coords, "curve_xy": curve_xy, "marks": marks,
+            "images": len(coords) ** 2 * len(x)}
 
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
@@ -1021,8 +1046,10 @@ def run(args, log=print):
              "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]
     sw = stage("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
-    fast = {kind: stage(kind, partial(fast_ensemble_stage, args, kind, model, w1, data=data, fit=fit))  # FGE, simplex
-            for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)) if size > 0}  # 0: skipped
+    fast = {}  # FGE and the simplex; 0 cycles or 0 vertices skip one
+    for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)):
+        if size > 0:
+            fast[kind] = stage(kind, partial(fast_ensemble_stage, args, kind, model, w1, data=data, fit=fit))
     curve_lp = sw["log_probs"]["curve"]  # (T, N, C) along t; each ensemble's log-probs, cost in epochs beyond w1:
     members = {"w1": (curve_lp[:1], 0), "w2": (curve_lp[-1:], args.epochs), "w1+w2": (curve_lp[[0, -1]], args.epochs),
                "curve": (curve_lp, args.epochs + args.curve_epochs),
@@ -1036,7 +1063,7 @@ def run(args, log=print):
     t0 = time.perf_counter()
     note = "" if args.bends == 1 else f"\nplane through w1, w2, phi(0.5); the curve of {args.bends} bends leaves it"
     plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["marks"],
-                   f"{label}: test loss in the plane of the curve{note}", out / "landscape.png")
+                   title=f"{label}: test loss in the plane of the curve{note}", path=out / "landscape.png")
     plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
     timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
