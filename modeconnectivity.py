@@ -7,6 +7,7 @@ the curve and the lines (plain, neurons aligned), builds fast ensembles (FGE, si
     python modeconnectivity.py --dataset synthetic --quick   # a first look, offline; the full recipe: --dataset cifar10
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -268,10 +269,7 @@ def curve_point(points, coeffs):
 
 # ──── │ 5. Training the curve │ ─────────────────────────────────────────────────────────────────
 def train_points(model, points, draw, x, y, lr, weight_decay, seed, lam=0.0, **sgd_options):
-    """Shared loop: per batch c = draw(len(points), gen), step L(phi) + wd/2 ||phi||^2 - lam log vol(points).
-
-    sgd_options go to sgd_epochs: epochs, batch_size, augment_pad, log, name and precision.
-    """
+    """One loop for curves and simplexes: per batch c = draw(n, gen), SGD on L(phi) + wd/2 ||phi||^2 - lam log vol."""
     gen = torch.Generator().manual_seed(seed + 12345)
     buffers = detached(dict(model.named_buffers()))  # BatchNorm updates these copies, not the model's own
 
@@ -373,7 +371,8 @@ def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, lo
     """Per path (points, coeffs) and t: train/test loss and accuracy, and test log-probs (T, N, C)."""
     splits = {"train": (data.train_x[:eval_train], data.train_y[:eval_train]), "test": (data.test_x, data.test_y)}
     metrics = {path: {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []} for path in paths}
-    test_log_probs, start = {path: [] for path in paths}, time.perf_counter()
+    test_log_probs = {path: [] for path in paths}
+    start = time.perf_counter()
     for i, (path, t) in enumerate([(path, t) for path in paths for t in ts]):
         points, coeffs = paths[path]
         phi = curve_point(points, coeffs(t, len(points)))
@@ -404,11 +403,6 @@ def ensemble_metrics(log_probs, y, bins=15):
     reliability = {"confidence": (sure / count)[used].tolist(), "accuracy": (right / count)[used].tolist(),
                    "count": count[used].tolist()}
     return {"acc": correct.mean().item(), "nll": nll, "ece": ece, "reliability": reliability}
-
-
-def pair_along_t(log_probs, y):
-    """Accuracy of the two-model ensemble {phi(0), phi(t)} at each t; log_probs (T, N, C) along one path."""
-    return [ensemble_metrics(torch.stack([log_probs[0], lp]), y)["acc"] for lp in log_probs]
 
 
 # ──── │ 8. Fast ensembles │ ─────────────────────────────────────────────────────────────────────
@@ -457,9 +451,9 @@ def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=12
     history = []
     gen = torch.Generator().manual_seed(seed)
     for j in range(new_vertices):
-        centre = {name: sum(v[name] for v in vertices) / len(vertices) for name in vertices[0]}
         new = {}
-        for name, c in centre.items():  # near the centre: noise of 1 % of the tensor's standard deviation
+        for name in vertices[0]:  # near the centre c: noise of 1 % of the tensor's standard deviation
+            c = sum(v[name] for v in vertices) / len(vertices)
             noise = 0.01 * c.std() * torch.randn(c.shape, generator=gen).to(c)
             new[name] = nn.Parameter(torch.empty_like(c).copy_(c + noise))  # empty_like keeps c's memory layout
         history += train_points(model, [*vertices, new], simplex_coeffs, x, y, lr=lr, weight_decay=weight_decay,
@@ -480,7 +474,7 @@ class Group(NamedTuple):
 # Operations that treat each unit (channel) on its own: a space of units passes through them unchanged.
 PER_UNIT = {"relu", "leakyrelu", "gelu", "silu", "elu", "tanh", "sigmoid", "relu6", "hardtanh", "identity", "dropout",
             "dropout1d", "dropout2d", "maxpool1d", "maxpool2d", "avgpool1d", "avgpool2d", "adaptiveavgpool1d",
-            "adaptiveavgpool2d", "adaptivemaxpool2d", "contiguous", "clone"}
+            "adaptiveavgpool2d", "adaptivemaxpool2d", "contiguous", "clone", "add", "iadd", "sub"}
 
 
 def operation_kind(node, modules):
@@ -490,10 +484,8 @@ def operation_kind(node, modules):
     name = str(name).replace("_", "").lower()  # nn.MaxPool2d, F.max_pool2d and x.relu_() alike
     if name in ("linear", "conv1d", "conv2d", "conv3d") and getattr(m, "groups", 1) == 1:
         return "open" if name != "linear" or len(shape_of(node)) == 2 else "other"  # Linear: units on the last axis
-    if name in ("add", "iadd", "sub") and len(node.all_input_nodes) == 2:
-        return "merge"  # a residual connection: both sides must share one order of units
-    if name in PER_UNIT or (name in ("add", "iadd", "sub", "mul", "truediv") and len(node.all_input_nodes) == 1):
-        return "carry"  # x * 0.5 or x + 1 keep the units; a product of two tensors (a gate) is "other"
+    if name in PER_UNIT or (name in ("mul", "truediv") and len(node.all_input_nodes) == 1):
+        return "carry"  # x + y, x * 0.5 keep the units; a product of two tensors (a gate) is "other"
     kinds = {"batchnorm1d": "normalise", "batchnorm2d": "normalise", "batchnorm3d": "normalise", "flatten": "reshape",
              "view": "reshape", "reshape": "reshape", "mean": "mean", "size": "ignore", "dim": "ignore"}
     return kinds.get(name, "other")  # size, dim: numbers, not units; other: the input, the output, anything else
@@ -553,14 +545,13 @@ def trace_units(model, x):
             entries += [(parent[-1], f"{node.target}.{name}", 0, 1, False) for name in ("weight", "bias")
                         if getattr(modules[node.target], name) is not None]  # one entry per unit it writes
             unit[node] = (parent[-1], 1)
-        elif kind in ("normalise", "carry", "mean", "reshape") and factor is not None:  # the units stay on axis 1
+        elif factor is not None and all(b == block for _, b in inputs):  # the units stay on axis 1, in one order
+            for other, _ in inputs[1:]:  # x + y (a residual connection): both sides share one order of units
+                join(parent, space, other)
             unit[node] = (space, block * factor)
             for name in ("weight", "bias", "running_mean", "running_var"):  # BatchNorm's tensors: one entry per unit
                 if kind == "normalise" and getattr(modules[node.target], name) is not None:
                     entries.append((space, f"{node.target}.{name}", 0, block, name.startswith("running_")))
-        elif kind == "merge" and factor == 1 and len(inputs) == 2 and inputs[0][1] == inputs[1][1]:
-            join(parent, inputs[0][0], inputs[1][0])
-            unit[node] = inputs[0]
         elif kind != "ignore":  # the spaces this operation touches stay as they are, and so does its output's
             for space, _ in inputs:
                 join(parent, space, 0)
@@ -641,8 +632,7 @@ def match_weights(w1, w2, groups, max_rounds=100):
     return permute_units(w2, perms, groups)
 
 
-def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000, log=print,
-                       precision=torch.float32):
+def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000, log=print, precision=torch.float32):
     """Barriers [path][layer] when one layer's own tensors move from w1 to targets[path]; its error at t=1."""
     layers = dict.fromkeys(name.rpartition(".")[0] for name, _ in model.named_parameters())  # in definition order
     paths = {}
@@ -660,19 +650,12 @@ def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000,
 
 
 # ──── │ 10. Landscape │ ─────────────────────────────────────────────────────────────────────────
-def plane_axes(w1, w2, theta):
-    """The plane o + a e1 + b e2 through w1, w2, theta: o = theta, e1 = w1 - theta, e2 = w2 - theta.
-
-    A point c_0 w1 + c_1 theta + c_2 w2 with c_0 + c_1 + c_2 = 1 (a one-bend curve's phi(t)) sits at (c_0, c_2).
-    """
-    return theta, curve_point([w1, theta], [1, -1]), curve_point([w2, theta], [1, -1])
-
-
-def landscape(model, origin, e1, e2, coords, x, y, bn_x=None, batch_size=256, log=print, precision=torch.float32):
-    """Test loss at origin + a e1 + b e2 for (a, b) in coords x coords (rows b); BatchNorm statistics from bn_x."""
-    rows, start = [], time.perf_counter()
-    for b in coords:
-        points = [curve_point([origin, e1, e2], [1, a, b]) for a in coords]
+def landscape(model, w1, theta, w2, coords, x, y, bn_x=None, batch_size=256, log=print, precision=torch.float32):
+    """Test loss at a w1 + b w2 + (1 - a - b) theta for (a, b) in coords x coords (rows b); BN statistics from bn_x."""
+    rows = []
+    start = time.perf_counter()
+    for b in coords:  # w1 at (1, 0), w2 at (0, 1), theta at (0, 0); c_0 w1 + c_1 theta + c_2 w2 at (c_0, c_2)
+        points = [curve_point([w1, theta, w2], [a, 1 - a - b, b]) for a in coords]
         if bn_x is not None:
             points = [recompute_bn(model, w, bn_x, batch_size, precision) for w in points]
         rows.append([evaluate(model, w, x, y, batch_size=batch_size, precision=precision)[0] for w in points])
@@ -690,8 +673,8 @@ def save_figure(axes, path, grid=True, **legend):
     write_atomic(path, lambda tmp: axes[0].figure.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
-def plot_landscape(losses, coords, curve_xy, marks, title, path):
-    """Filled contour of the loss grid (log levels), the curve, the line, marks {name: (a, b)}: w1, w2, theta first."""
+def plot_landscape(losses, coords, curve_xy, names, title, path):
+    """Filled contour of the loss grid (log levels), the curve, the line, and names of w1, w2, theta at their places."""
     from matplotlib.figure import Figure
     z = np.maximum(np.array(losses), 1e-6)  # log levels need positive values
     inside = [i for i, c in enumerate(coords) if 0 <= c <= 1] or list(range(len(coords)))  # around w1, w2, theta
@@ -702,14 +685,13 @@ def plot_landscape(losses, coords, curve_xy, marks, title, path):
     round_values = [m * 10.0 ** k for k in range(-3, 5) for m in (1, 2, 5)]  # 0.001, 0.002, 0.005, ..., 50000
     ticks = [z.min()] + [t for t in round_values if z.min() * 1.3 < t <= top]  # the lowest loss, then round values
     ax.figure.colorbar(cs, ax=ax, label="test loss (nats, log scale)", ticks=ticks, format="{x:.3g}")
-    line_xy = list(marks.values())[:2]  # from w1 to w2 (or the aligned w2)
-    ax.plot(*zip(*line_xy, strict=True), "--", color="white", lw=1.5, label="straight line")
+    ax.plot([1, 0], [0, 1], "--", color="white", lw=1.5, label="straight line")
     if curve_xy:  # a curve of several bends leaves the plane: not drawn
         ax.plot(*zip(*curve_xy, strict=True), "-", color="tab:red", lw=2, label="trained curve")
-    for name, xy in marks.items():
+    for name, xy in zip(names, [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)], strict=True):  # places of w1, w2, theta
         ax.plot(*xy, "o", color="black", ms=6)
         ax.annotate(name, xy, xytext=(6, 6), textcoords="offset points", fontsize=11, weight="bold")
-    ax.set(xlabel="a (towards {0})".format(*marks), ylabel="b (towards {1})".format(*marks), title=title)
+    ax.set(xlabel=f"a (towards {names[0]})", ylabel=f"b (towards {names[1]})", title=title)
     save_figure([ax], path, grid=False, ncols=2, fontsize=8, facecolor="0.6")  # grey: the white line shows
 
 
@@ -732,15 +714,13 @@ def plot_sweep(ts, metrics, layerwise, title, path):
     axes[1].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.1, 0.2, 0.5, 1, 2: labels that read as numbers
     axes[1].yaxis.set_major_formatter("{x:g}")
     layers = list(layerwise["line"])
-    flat = []  # the paths on which no layer rises above its chord
     for i, (name, barriers) in enumerate(layerwise.items()):
         heights = [100 * barriers[layer]["test_error"] for layer in layers]  # points of test error
         axes[2].bar(np.arange(len(layers)) + 0.4 * i, heights, 0.4, color=PATH_STYLES[name][1], label=name)
-        if max(heights) <= 0:
-            flat.append(name)
     axes[2].set_xticks(np.arange(len(layers)) + 0.2, layers)
     axes[2].set(ylabel="test-error barrier (points)", title="one layer moves from w1, the others stay")
-    if flat:  # bars of height 0 would be invisible: say so
+    flat = [name for name, barriers in layerwise.items() if max(b["test_error"] for b in barriers.values()) <= 0]
+    if flat:  # the paths on which no layer rises above its chord: bars of height 0 would be invisible, say so
         axes[2].text(0.98, 0.95, f"{' and '.join(flat)}: no barrier at any layer", ha="right", va="top",
                      transform=axes[2].transAxes)
     save_figure(axes, path, ncols=2)
@@ -749,9 +729,8 @@ def plot_sweep(ts, metrics, layerwise, title, path):
 def plot_ensembles(ts, ens, pairs, title, path):
     """Accuracy of each ensemble against its cost, reliability diagram, and {w1, phi(t)} pairs along t, in percent."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(18, 4.5))
-    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.25})
-    fig.suptitle(f"{title}: ensembles", y=1.02)
+    axes = Figure(figsize=(18, 4.5)).subplots(1, 3, gridspec_kw={"wspace": 0.25})
+    axes[0].figure.suptitle(f"{title}: ensembles", y=1.02)
     for name, e in ens.items():  # a legend, not labels at the points: points of similar cost would collide
         label = f"{name}: {e['size']} network(s), NLL {e['nll']:.3f}, ECE {e['ece']:.3f}"
         axes[0].plot(e["epochs"], 100 * e["acc"], "o", ms=8, color=ENSEMBLE_COLOURS.get(name), label=label)
@@ -822,12 +801,10 @@ def build_parser():
 
     def number(kind, low, strict=False):  # an argparse type: an int or float >= low (> low if strict)
         def parse(text):
-            try:
+            with contextlib.suppress(ValueError):  # not a number at all: the same message as one out of range
                 value = kind(text)
-            except ValueError:
-                value = math.nan
-            if math.isfinite(value) and (value > low or (value == low and not strict)):
-                return value
+                if math.isfinite(value) and (value > low or (value == low and not strict)):
+                    return value
             raise argparse.ArgumentTypeError(f"{text!r}: must be {kind.__name__} {'>' if strict else '>='} {low}")
         return parse
     pos_int, pos_float, non_neg = number(int, 1), number(float, 0, strict=True), number(float, 0)
@@ -869,7 +846,6 @@ def build_parser():
     g("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device")
     g("--quick", action="store_true", help=f"a first look in under a minute: {QUICK} (your own options win)")
     g("--resume", action="store_true", help="reuse the finished stages in --out whose options match")
-    g("--threads", type=pos_int, help="CPU threads (None: torch's own choice)")
     g("--precision", default="auto", choices=["auto", *PRECISIONS], help="autocast precision of every forward pass "
       "(auto: bf16 on a GPU that has it, and on a CPU where a few training steps measure it 1.2x faster)")
     return p
@@ -902,22 +878,20 @@ def new_model(data, width, seed, device, batchnorm=False):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def choose_precision(requested, model, x, y, steps=3):
+def choose_precision(requested, model, x, y, repeat=4):
     """(name, bf16 speed-up or None). auto: bf16 on a CUDA GPU with bf16, or on a CPU if it trains >= 1.2x faster."""
     if requested != "auto":
         return requested, None
     if x.device.type != "cpu":  # CUDA: bf16 if supported; MPS: float32
         return ("bf16" if x.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"), None
     probe = copy.deepcopy(model).train()  # timed on a copy: the model's weights stay as they were
-    seconds = {torch.float32: [], torch.bfloat16: []}
-    for _ in range(steps + 1):  # in turn, fp32 then bf16, so that a busy machine slows both alike
-        for precision, times in seconds.items():
-            t0 = time.perf_counter()
-            with autocast(x.device, precision):
-                logits = probe(x)
-            F.cross_entropy(logits.float(), y).backward()
-            times.append(time.perf_counter() - t0)
-    fp32, bf16 = (sorted(times[1:])[steps // 2] for times in seconds.values())  # medians, the first (warm-up) left out
+
+    def step(precision):  # one forward and backward pass of training
+        with autocast(x.device, precision):
+            logits = probe(x)
+        F.cross_entropy(logits.float(), y).backward()
+    fp32 = min(timeit.repeat(partial(step, torch.float32), number=1, repeat=repeat))  # the fastest pass: the least
+    bf16 = min(timeit.repeat(partial(step, torch.bfloat16), number=1, repeat=repeat))  # disturbed by other work
     return ("bf16" if fp32 / bf16 >= 1.2 else "fp32"), fp32 / bf16
 
 
@@ -934,11 +908,10 @@ def endpoints_stage(args, data, fit):
 def sweep_stage(args, model, paths, ts, data, log):
     """The paths along t; with BatchNorm also the line and aligned line with the endpoints' statistics interpolated."""
     naive = {f"{path}_interpolated_bn": paths[path] for path in ("line", "aligned") if args.batchnorm}  # the naive view
-    precision = PRECISIONS[args.precision]
-    metrics, log_probs = sweep(model, paths, ts, data, eval_train=args.eval_train, bn_images=args.bn_images, log=log,
-                               precision=precision)
-    metrics.update(sweep(model, naive, ts, data, eval_train=args.eval_train, bn_images=0, log=log,
-                         precision=precision)[0])
+    sweep_paths = partial(sweep, model, ts=ts, data=data, eval_train=args.eval_train, log=log,
+                          precision=PRECISIONS[args.precision])  # what both sweeps share
+    metrics, log_probs = sweep_paths(paths, bn_images=args.bn_images)
+    metrics.update(sweep_paths(naive, bn_images=0)[0])  # 0: the endpoints' statistics interpolated, not recomputed
     per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)  # images evaluated at a point
     return {"metrics": metrics, "log_probs": log_probs, "images": len(ts) * (len(paths) + len(naive)) * per_point}
 
@@ -947,9 +920,8 @@ def fast_ensemble_stage(args, kind, model, w1, data, fit):
     """FGE snapshots ("fge") or samples of a simplex grown from w1: members, test log-probabilities, cost."""
     torch.manual_seed(args.seed + (3 if kind == "fge" else 4))  # dropout masks depend on the seed alone
     if kind == "fge":
-        members, history = fge_snapshots(model, w1, data.train_x, data.train_y, cycles=args.fge_cycles,
-                                         cycle_epochs=args.fge_cycle_epochs, lr_high=args.fge_lr, seed=args.seed + 3,
-                                         **fit)
+        members, history = fge_snapshots(model, w1, data.train_x, data.train_y, lr_high=args.fge_lr, seed=args.seed + 3,
+                                         cycles=args.fge_cycles, cycle_epochs=args.fge_cycle_epochs, **fit)
     else:
         vertices, history = train_simplex(model, [w1], data.train_x, data.train_y, new_vertices=args.simplex_vertices,
                                           epochs=args.simplex_epochs, lr=args.curve_lr, seed=args.seed + 4, **fit)
@@ -973,22 +945,17 @@ def layerwise_stage(args, model, w1, targets, data, log):
 
 
 def landscape_stage(args, model, points, data, log):
-    """Loss on a grid in the plane of w1, w2, theta (phi(0.5) for several bends); the curve in it (one bend)."""
+    """Loss on a grid in the plane of w1, w2 and theta (phi(0.5) for several bends), and the curve in it (one bend)."""
     coeffs = COEFFS[args.curve]
-    one_bend = len(points) == 3
-    theta = points[1] if one_bend else curve_point(points, coeffs(0.5, len(points)))
-    plane = plane_axes(points[0], points[-1], theta)  # origin, e1, e2
+    theta = points[1] if args.bends == 1 else curve_point(points, coeffs(0.5, len(points)))
     coords = [-0.5 + 2 * i / (args.grid - 1) for i in range(args.grid)]  # w1, w2, theta at 0 and 1, half spare
-    curve_xy = []  # a curve of several bends leaves the plane: not drawn
-    if one_bend:  # phi(t) = c_0 w1 + c_1 theta + c_2 w2 sits at (c_0, c_2): see plane_axes
-        curve_xy = [(c[0], c[2]) for c in (coeffs(i / 60, 3) for i in range(61))]
-    marks = {"w1": (1.0, 0.0), "aligned w2" if args.align_curve else "w2": (0.0, 1.0),
-             "theta" if one_bend else "phi(0.5)": (0.0, 0.0)}
+    curve = [coeffs(i / 60, 3) for i in range(61)] if args.bends == 1 else []  # several bends leave the plane
     x, y = data.test_x[:args.eval_test], data.test_y[:args.eval_test]
-    losses = landscape(model, *plane, coords=coords, x=x, y=y, bn_x=data.train_x[:args.bn_images], log=log,
-                       precision=PRECISIONS[args.precision])
-    return {"test_loss": losses, "coords": coords, "curve_xy": curve_xy, "marks": marks,
-            "images": len(coords) ** 2 * len(x)}
+    losses = landscape(model, points[0], theta, points[-1], coords=coords, x=x, y=y, log=log,
+                       bn_x=data.train_x[:args.bn_images], precision=PRECISIONS[args.precision])
+    names = ["w1", "aligned w2" if args.align_curve else "w2", "theta" if args.bends == 1 else "phi(0.5)"]
+    return {"test_loss": losses, "coords": coords, "curve_xy": [(c[0], c[2]) for c in curve],  # see landscape
+            "names": names, "images": len(coords) ** 2 * len(x)}
 
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
@@ -1009,14 +976,13 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
             "sweep": {"t": ts, **metrics}, "barrier": barriers, "ensemble": {**ens, "pair_along_t": pairs},
             "layerwise": layers, "timings": timings,
             "landscape": {"plane": "squeezed", "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
-                          **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "marks")}},
+                          **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "names")}},
             "efficiency": {"plain_inference_images_per_s": plain["inference"], **speed}}
 
 
 def run(args, log=print):
     """The recipe, one call per stage from the data to the figures; writes everything to args.out, returns results."""
     out, device = Path(args.out), torch.device(args.device)
-    torch.set_num_threads(args.threads or torch.get_num_threads())  # None: torch's own choice
     t0 = time.perf_counter()
     data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed, log=log)
     timings = {"data": {"seconds": time.perf_counter() - t0, "images_per_s": None}}  # no image through the network
@@ -1056,13 +1022,14 @@ def run(args, log=print):
                **{name: (result["log_probs"], result["epochs"]) for name, result in fast.items()}}
     ens = {name: {**ensemble_metrics(lp, data.test_y), "size": len(lp), "epochs": cost}
            for name, (lp, cost) in members.items()}
-    pairs = {path: pair_along_t(lp, data.test_y) for path, lp in sw["log_probs"].items()}
+    pairs = {path: [ensemble_metrics(lp[[0, i]], data.test_y)["acc"] for i in range(len(lp))]  # {phi(0), phi(t)}
+             for path, lp in sw["log_probs"].items()}
     targets = {"line": w2, "aligned": aligned}
     layers = stage("layerwise", lambda: layerwise_stage(args, model, w1, targets, data, log))["barriers"]
     land = stage("landscape", lambda: landscape_stage(args, model, points, data, log))
     t0 = time.perf_counter()
     note = "" if args.bends == 1 else f"\nplane through w1, w2, phi(0.5); the curve of {args.bends} bends leaves it"
-    plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["marks"],
+    plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["names"],
                    title=f"{label}: test loss in the plane of the curve{note}", path=out / "landscape.png")
     plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")

@@ -305,27 +305,22 @@ def test_ensemble_metrics_by_hand():
 
 
 # ── 8. Landscape ─────────────────────────────────────────────────────────────────────────────────
-def test_squeezed_plane_places_w1_w2_theta_and_curve_points_at_their_coefficients():
-    w1, theta, w2 = random_params(0), random_params(1), random_params(2)
-    axes = mc.plane_axes(w1, w2, theta)
-    for w, ab in ((w1, (1, 0)), (w2, (0, 1)), (theta, (0, 0))):  # the figure's marks
-        point = mc.curve_point(list(axes), [1, *ab])
-        assert all(torch.allclose(point[k], w[k], atol=1e-6) for k in w)
-    for coeffs in (mc.bezier_coeffs, mc.polychain_coeffs):  # phi(t) = c_0 w1 + c_1 theta + c_2 w2 sits at (c_0, c_2)
-        for t in (0.2, 0.5, 0.9):
-            c = coeffs(t, 3)
-            phi = mc.curve_point([w1, theta, w2], c)
-            point = mc.curve_point(list(axes), [1, c[0], c[2]])
-            assert all(torch.allclose(point[k], phi[k], atol=1e-5) for k in phi)
-
-
-def test_landscape_matches_evaluate(trained):
+def test_landscape_places_w1_w2_theta_and_curve_points_at_their_coefficients(trained):
     data, model, (w1, w2) = trained
-    theta = mc.curve_point([w1, w2], [0.5, 0.5])
-    axes = mc.plane_axes(w1, w2, theta)
-    grid = mc.landscape(model, *axes, [0.0, 1.0], data.test_x[:64], data.test_y[:64])
-    assert grid[0][1] == pytest.approx(mc.evaluate(model, w1, data.test_x[:64], data.test_y[:64])[0], rel=1e-5)
-    assert grid[1][0] == pytest.approx(mc.evaluate(model, w2, data.test_x[:64], data.test_y[:64])[0], rel=1e-5)
+    theta = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in w1.items()}
+    x, y = data.test_x[:64], data.test_y[:64]
+
+    def loss(w):
+        return mc.evaluate(model, w, x, y)[0]
+    grid = mc.landscape(model, w1, theta, w2, [0.0, 0.25, 0.5, 1.0], x, y)  # grid[b][a], coords in this order
+    assert grid[0][3] == pytest.approx(loss(w1), rel=1e-5)  # (a, b) = (1, 0)
+    assert grid[3][0] == pytest.approx(loss(w2), rel=1e-5)  # (0, 1)
+    assert grid[0][0] == pytest.approx(loss(theta), rel=1e-5)  # (0, 0)
+    bezier = mc.curve_point([w1, theta, w2], mc.bezier_coeffs(0.5, 3))  # coefficients (1/4, 1/2, 1/4): at (1/4, 1/4)
+    assert grid[1][1] == pytest.approx(loss(bezier), rel=1e-5)
+    chain = mc.curve_point([w1, theta, w2], mc.polychain_coeffs(0.25, 3))  # (1/2, 1/2, 0): at (1/2, 0)
+    assert grid[0][2] == pytest.approx(loss(chain), rel=1e-5)
+    assert len({round(v, 6) for row in grid for v in row}) > 10  # 16 points, not one loss repeated
 
 
 # ── 8. Fast ensembles: FGE and simplexes ─────────────────────────────────────────────────────────
@@ -908,19 +903,14 @@ def test_aligned_and_plain_curves_are_never_reused_for_each_other(tiny_run, tmp_
     assert f"reusing {checkpoint(tmp_path, 'endpoints')}" in log and "curve epoch 1/10" in log  # trained anew
     assert not re.search(r"reusing \S*(curve|sweep|landscape)-", log)  # nothing that depends on the curve
     assert aligned["config"]["align_curve"] is True and first["config"]["align_curve"] is False
-    assert list(aligned["landscape"]["marks"]) == ["w1", "aligned w2", "theta"]
+    assert aligned["landscape"]["names"] == ["w1", "aligned w2", "theta"]
     assert len(list(tmp_path.glob("curve-*.pt"))) == 2
     assert mc.main(TINY + ["--out", str(tmp_path), "--resume"])["sweep"] == first["sweep"]  # the plain one again
 
 
 def test_batchnorm_run_writes_recomputed_and_interpolated_barriers(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        results = mc.main(TINY + ["--out", str(tmp_path), "--batchnorm", "--bn-images", "200", "--fge-cycles", "1",
-                                  "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)  # --threads sets the process's; the tests after this one keep their own
-    assert results["config"]["batchnorm"] and results["versions"]["threads"] == 1
+    results = mc.main(TINY + ["--out", str(tmp_path), "--batchnorm", "--bn-images", "200", "--fge-cycles", "1"])
+    assert results["config"]["batchnorm"]
     assert set(results["barrier"]) == {"curve", "line", "aligned", "line_interpolated_bn", "aligned_interpolated_bn"}
     model = mc.ConvNet(3, 10, 32, width=4, batchnorm=True)
     ends = torch.load(checkpoint(tmp_path, "endpoints"), weights_only=True)["result"]["states"]
