@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import timeit
 from functools import partial
@@ -95,10 +94,8 @@ def read_folder(root, log=print):
         images = []
         start = time.perf_counter()
         for i, (f, _) in enumerate(files):
-            try:
-                images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
-            except (OSError, Image.DecompressionBombError) as err:
-                raise ValueError(f"--data-dir {root}: {f} is not a readable image ({err})") from None
+            # a file that is not an image raises an OSError naming it: one line on the command line (main)
+            images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
             if (i + 1) * 10 // len(files) > i * 10 // len(files):  # ten lines per half (progress: section 6)
                 progress(log, f"decoding {root / half} (once, then cached)", i + 1, len(files), start)
         sizes = {tuple(img.shape[1:]): f for (f, _), img in zip(files, images, strict=True)}  # (height, width): a file
@@ -193,7 +190,6 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
     opt = torch.optim.SGD(params, lr=lr_at(0, 1), momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = max(1, len(x) // batch_size)  # the last partial batch is dropped, as in most recipes
     history = []
-    start = time.perf_counter()
     for epoch in range(epochs):
         t0 = time.perf_counter()
         loss_sum, correct = 0.0, 0  # summed over the epoch's batches
@@ -218,7 +214,7 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
         seen = steps * min(batch_size, len(x))  # images trained on in this epoch
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "seconds": seconds,
                         "images": seen, "images_per_s": seen / seconds})
-        left = (time.perf_counter() - start) / (epoch + 1) * (epochs - epoch - 1)
+        left = seconds * (epochs - epoch - 1)  # at this epoch's pace
         log(f"{name} epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.4f}, acc {correct / seen:.4f}, "
             f"{seen / seconds:.0f} images/s, {left:.0f} s left")
     return history
@@ -321,16 +317,14 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 
 
 # ──── │ 6. Walking along the curve │ ────────────────────────────────────────────────────────────
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
-
-
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256, precision=torch.float32):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
-    if not any(isinstance(m, BATCH_NORMS) for m in model.modules()):
+    names = [name for name, m in model.named_modules() if getattr(m, "running_mean", None) is not None]  # BatchNorm
+    if not names:
         return params  # nothing to recompute, and no copy of the model made
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
-    norms = {name: m for name, m in probe.named_modules() if isinstance(m, BATCH_NORMS)}
+    norms = {name: probe.get_submodule(name) for name in names}
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None  # cumulative average of the batch statistics
@@ -555,8 +549,7 @@ def trace_units(model, x):
         elif kind != "ignore":  # the spaces this operation touches stay as they are, and so does its output's
             for space, _ in inputs:
                 join(parent, space, 0)
-            if shape_of(node) is not None:
-                unit[node] = (0, 1)
+            unit[node] = (0, 1)
     return entries, parent
 
 
@@ -758,15 +751,11 @@ def run_stage(args, name, compute, timings, log=print):
     meta = {k: vars(args)[k] for k in STAGE_OPTIONS[name]}  # the options the stage depends on
     path = Path(args.out) / f"{name}-{hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]}.pt"
     if args.resume and path.exists():
-        try:
-            saved = torch.load(path, map_location=args.device, weights_only=True)
-            same = saved["meta"] == meta
+        try:  # the file's name holds the hash of its options: it belongs to this configuration
+            result = torch.load(path, map_location=args.device, weights_only=True)["result"]
         except Exception as err:
             raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it") from None
-        if not same:  # only if copied by hand: the file's name holds the hash of its options
-            raise ValueError(f"{path}: checkpoint of another configuration; delete it")
         log(f"resume: reusing {path}")
-        result = saved["result"]
     else:
         start = time.perf_counter()
         result = {**compute(), "seconds": time.perf_counter() - start}
@@ -801,7 +790,7 @@ def build_parser():
 
     def number(kind, low, strict=False):  # an argparse type: an int or float >= low (> low if strict)
         def parse(text):
-            with contextlib.suppress(ValueError):  # not a number at all: the same message as one out of range
+            with contextlib.suppress(ValueError, OverflowError):  # not a number, or a huge one: as out of range
                 value = kind(text)
                 if math.isfinite(value) and (value > low or (value == low and not strict)):
                     return value
@@ -863,11 +852,7 @@ def parse_args(argv):
     elif not available[args.device]:
         raise ValueError(f"--device {args.device}: not available on this machine; use --device cpu or auto")
     args.out = args.out or f"runs/{args.dataset}-{args.curve}"
-    try:  # can we write there? Better to know now than after hours of training
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out).close()
-    except OSError as err:
-        raise ValueError(f"--out {args.out}: cannot write there ({err.strerror})") from None
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an OSError (read-only, say) ends the run now, in one line
     return args
 
 
@@ -988,8 +973,6 @@ def run(args, log=print):
     timings = {"data": {"seconds": time.perf_counter() - t0, "images_per_s": None}}  # no image through the network
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
-    if len(data.train_x) < args.batch_size:  # an epoch would be a single step on fewer images than a batch
-        raise ValueError(f"{len(data.train_x)} training images: fewer than one batch (--batch-size {args.batch_size})")
     requested = args.precision
     probe = new_model(data, args.width, args.seed, device, args.batchnorm)  # timed on one batch, then dropped
     batch = (data.train_x[:args.batch_size], data.train_y[:args.batch_size])
@@ -1012,14 +995,13 @@ def run(args, log=print):
              "aligned": ([w1, aligned], bezier_coeffs)}
     ts = [i / (args.points - 1) for i in range(args.points)]
     sw = stage("sweep", lambda: sweep_stage(args, model, paths, ts, data, log))
-    fast = {}  # FGE and the simplex; 0 cycles or 0 vertices skip one
-    for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)):
-        if size > 0:
-            fast[kind] = stage(kind, partial(fast_ensemble_stage, args, kind, model, w1, data=data, fit=fit))
     curve_lp = sw["log_probs"]["curve"]  # (T, N, C) along t; each ensemble's log-probs, cost in epochs beyond w1:
     members = {"w1": (curve_lp[:1], 0), "w2": (curve_lp[-1:], args.epochs), "w1+w2": (curve_lp[[0, -1]], args.epochs),
-               "curve": (curve_lp, args.epochs + args.curve_epochs),
-               **{name: (result["log_probs"], result["epochs"]) for name, result in fast.items()}}
+               "curve": (curve_lp, args.epochs + args.curve_epochs)}
+    for kind, size in (("fge", args.fge_cycles), ("simplex", args.simplex_vertices)):  # the fast ensembles
+        if size > 0:  # 0 cycles or 0 vertices skip one
+            fast = stage(kind, partial(fast_ensemble_stage, args, kind, model, w1, data=data, fit=fit))
+            members[kind] = (fast["log_probs"], fast["epochs"])
     ens = {name: {**ensemble_metrics(lp, data.test_y), "size": len(lp), "epochs": cost}
            for name, (lp, cost) in members.items()}
     pairs = {path: [ensemble_metrics(lp[[0, i]], data.test_y)["acc"] for i in range(len(lp))]  # {phi(0), phi(t)}
@@ -1028,9 +1010,8 @@ def run(args, log=print):
     layers = stage("layerwise", lambda: layerwise_stage(args, model, w1, targets, data, log))["barriers"]
     land = stage("landscape", lambda: landscape_stage(args, model, points, data, log))
     t0 = time.perf_counter()
-    note = "" if args.bends == 1 else f"\nplane through w1, w2, phi(0.5); the curve of {args.bends} bends leaves it"
     plot_landscape(land["test_loss"], land["coords"], land["curve_xy"], land["names"],
-                   title=f"{label}: test loss in the plane of the curve{note}", path=out / "landscape.png")
+                   title=f"{label}: test loss in the plane of {', '.join(land['names'])}", path=out / "landscape.png")
     plot_sweep(ts, sw["metrics"], layers, f"{label}: {args.curve} curve vs straight lines", out / "sweep.png")
     plot_ensembles(ts, ens, pairs, label, out / "ensembles.png")
     timings["plots"] = {"seconds": time.perf_counter() - t0, "images_per_s": None}
