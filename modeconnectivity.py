@@ -94,8 +94,10 @@ def read_folder(root, log=print):
         images = []
         start = time.perf_counter()
         for i, (f, _) in enumerate(files):
-            # a file that is not an image raises an OSError naming it: one line on the command line (main)
-            images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
+            try:
+                images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1))
+            except (OSError, Image.DecompressionBombError) as err:  # not an image, truncated, too large
+                raise ValueError(f"--data-dir {root}: {f} is not a readable image ({err})") from None
             if (i + 1) * 10 // len(files) > i * 10 // len(files):  # ten lines per half (progress: section 6)
                 progress(log, f"decoding {root / half} (once, then cached)", i + 1, len(files), start)
         sizes = {tuple(img.shape[1:]): f for (f, _), img in zip(files, images, strict=True)}  # (height, width): a file
@@ -841,7 +843,7 @@ def build_parser():
 
 
 def parse_args(argv):
-    """Parse and check the options; every problem ends as ValueError naming the option and the value."""
+    """Parse and check the options (a bad one: ValueError naming it and its value); create the --out folder."""
     parser = build_parser()
     parser.set_defaults(**(QUICK if parser.parse_args(argv).quick else {}))  # defaults, not the options you gave
     args = parser.parse_args(argv)
@@ -852,7 +854,7 @@ def parse_args(argv):
     elif not available[args.device]:
         raise ValueError(f"--device {args.device}: not available on this machine; use --device cpu or auto")
     args.out = args.out or f"runs/{args.dataset}-{args.curve}"
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # an OSError (read-only, say) ends the run now, in one line
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # OSError (main: one line) now, or at the first checkpoint
     return args
 
 
