@@ -217,7 +217,8 @@ def test_folder_decoding_prints_ten_progress_lines_ending_with_all(tmp_path):
 
 
 def test_a_subset_smaller_than_a_batch_trains_on_one_batch_per_epoch(tmp_path):
-    results = mc.main(TINY + ["--train-subset", "5", "--out", str(tmp_path)])  # --batch-size 64
+    fewer_stages = ["--curve-epochs", "1", "--fge-cycles", "0", "--simplex-vertices", "0", "--grid", "2"]
+    results = mc.main(TINY + fewer_stages + ["--train-subset", "5", "--out", str(tmp_path)])  # --batch-size 64
     assert results["timings"]["endpoints"]["images_per_s"] > 0 and (tmp_path / "results.json").exists()
     saved = torch.load(checkpoint(tmp_path, "endpoints"), weights_only=True)["result"]
     assert [h["images"] for h in saved["history"]] == [5] * len(saved["history"])  # every image, once per epoch
@@ -908,7 +909,8 @@ def test_aligned_and_plain_curves_are_never_reused_for_each_other(tiny_run, tmp_
 
 
 def test_batchnorm_run_writes_recomputed_and_interpolated_barriers(tmp_path):
-    results = mc.main(TINY + ["--out", str(tmp_path), "--batchnorm", "--bn-images", "200", "--fge-cycles", "1"])
+    results = mc.main(TINY + ["--out", str(tmp_path), "--batchnorm", "--bn-images", "200", "--fge-cycles", "1",
+                              "--curve-epochs", "2"])
     assert results["config"]["batchnorm"]
     assert set(results["barrier"]) == {"curve", "line", "aligned", "line_interpolated_bn", "aligned_interpolated_bn"}
     model = mc.ConvNet(3, 10, 32, width=4, batchnorm=True)
@@ -1053,9 +1055,10 @@ def test_short_recipe_is_the_readmes_and_a_miniature_of_it_runs(tmp_path):
 
 @pytest.mark.parametrize("seed", [0, 4])
 def test_quick_polychain_has_no_barrier(seed, tmp_path):
-    # at the endpoints' peak rate (--curve-lr 0.05) seed 4 crossed a 26-point barrier; --quick now trains at 0.02
+    # at the endpoints' peak rate (--curve-lr 0.05) seed 4 crossed a 25-point barrier; --quick now trains at 0.02
     args = ["--dataset", "synthetic", "--quick", "--curve", "polychain", "--seed", str(seed), "--precision", "fp32",
-            "--fge-cycles", "0", "--simplex-vertices", "0", "--grid", "2", "--out", str(tmp_path)]
+            "--fge-cycles", "0", "--simplex-vertices", "0", "--grid", "2", "--points", "5", "--eval-test", "50",
+            "--out", str(tmp_path)]  # training as in --quick; t = 0.5, the chain's bend, among the 5 points
     results = mc.main(args)
     assert results["config"]["curve_lr"] == 0.02 and results["barrier"]["curve"]["test_error"] <= 0.03
 
