@@ -29,7 +29,6 @@ from torch.func import functional_call
 # ──── │ 1. Data │ ───────────────────────────────────────────────────────────────────────────────
 DATASETS = ("cifar10", "mnist", "fashionmnist", "folder", "synthetic")
 
-
 def write_atomic(path, write):
     """write(tmp) to a temporary file, then rename it to path: an interrupted run never leaves half a file."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
@@ -39,14 +38,12 @@ def write_atomic(path, write):
     finally:
         tmp.unlink(missing_ok=True)
 
-
 class Data(NamedTuple):
     train_x: torch.Tensor  # (N, C, H, W) float32, normalised per channel, on the device
     train_y: torch.Tensor  # (N,) int64 class indices
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list
-
 
 def augment(x, pad, gen):
     """Random crop (zero padding of `pad` pixels) and horizontal flip of a batch (B, C, H, W), in one gather."""
@@ -59,7 +56,6 @@ def augment(x, pad, gen):
     cols = torch.where(flip, cols.flip(1), cols)  # reading columns backwards mirrors the image
     b = torch.arange(B, device=x.device)[:, None, None]
     return padded[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W), channels_last
-
 
 def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0):
     """Class-structured uint8 images: one of 4 smooth random prototypes per class, shifted, mirrored and noisy."""
@@ -74,7 +70,6 @@ def make_synthetic(n_train, n_test, size=32, channels=3, num_classes=10, seed=0)
         x = x + 0.8 * torch.randn(x.shape, generator=gen)
         return (x * 40 + 128).clamp(0, 255).to(torch.uint8), y
     return (*sample(n_train), *sample(n_test), [f"class{k}" for k in range(num_classes)])
-
 
 def read_folder(root, log=print):
     """Decode an ImageFolder layout root/{train,test}/<class>/<image> into uint8 tensors, skipping hidden names."""
@@ -108,7 +103,6 @@ def read_folder(root, log=print):
         out += [torch.stack(images)[order], torch.tensor([k for _, k in files])[order]]  # first-N subsets hold all
     return (*out, classes)
 
-
 def read_torchvision(name, data_dir):
     """Download (if needed) and decode a torchvision data set into uint8 tensors (N, C, H, W)."""
     import torchvision.datasets as tvd
@@ -122,7 +116,6 @@ def read_torchvision(name, data_dir):
         return (x.permute(0, 3, 1, 2) if x.dim() == 4 else x[:, None]).contiguous()
     return (*[t for ds in (train, test) for t in (nchw(torch.as_tensor(ds.data)), torch.as_tensor(ds.targets))],
             list(train.classes))
-
 
 def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, image_size=32, log=print):
     """Decode a data set once (cached as uint8 in data_dir); its first train_size/test_size images, normalised."""
@@ -179,11 +172,9 @@ def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
     frac = (step + 1) / max(1, total_steps)
     return peak_lr * (frac / warmup if frac < warmup else (1 - frac) / (1 - warmup))
 
-
 def autocast(device, precision):
     """Autocast for ONE forward pass (float32: off); never around a loop, which would reuse its first bf16 weights."""
     return torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32)
-
 
 def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name,
                precision=torch.float32):
@@ -221,11 +212,9 @@ def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, a
             f"{seen / seconds:.0f} images/s, {left:.0f} s left")
     return history
 
-
 def logits_only(model, xb):
     """A forward for sgd_epochs with no extra penalty: SGD's weight_decay adds the wd/2 ||w||^2 term."""
     return model(xb), 0.0
-
 
 def train_endpoint(model, x, y, epochs, batch_size, lr, weight_decay, augment_pad, seed, log=print,
                    precision=torch.float32):
@@ -243,13 +232,11 @@ def bezier_coeffs(t, n):
         raise ValueError(f"t = {t}: must lie in [0, 1]")
     return [math.comb(n - 1, k) * t ** k * (1 - t) ** (n - 1 - k) for k in range(n)]
 
-
 def polychain_coeffs(t, n):
     """Polygonal-chain weights of n control points: c_k(t) = max(0, 1 - |t (n-1) - k|)."""
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t = {t}: must lie in [0, 1]")
     return [max(0.0, 1.0 - abs(t * (n - 1) - k)) for k in range(n)]
-
 
 def curve_point(points, coeffs):
     """phi = sum_k c_k P_k, tensor by tensor, for control points P_k given as dicts name -> tensor."""
@@ -283,11 +270,9 @@ def train_points(model, points, draw, x, y, lr, weight_decay, seed, lam=0.0, **s
     return sgd_epochs(params, forward, x, y, lr_at=partial(one_cycle_lr, peak_lr=lr), weight_decay=0.0, seed=seed,
                       **sgd_options)  # weight decay is in the penalty, at phi
 
-
 def detached(params):
     """A copy of a weight dict that autograd does not track."""
     return {k: v.detach().clone() for k, v in params.items()}
-
 
 def parameters_of(model, weights, statistics=False):
     """The floating-point parameters of model in weights (parameter dict or state_dict); checks names and shapes."""
@@ -302,7 +287,6 @@ def parameters_of(model, weights, statistics=False):
             raise ValueError(f"weights: tensor {name} is {found}; the model's is of shape {tuple(tensor.shape)}"
                              + ("; recompute_bn gives BatchNorm statistics" if "running_" in name else ""))
     return {name: weights[name] for name in params}
-
 
 def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, batch_size=128, lr=0.05,
                 weight_decay=5e-4, augment_pad=4, seed=0, log=print, precision=torch.float32):
@@ -322,11 +306,10 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256, precision=torch.float32):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
-    names = [name for name, m in model.named_modules() if getattr(m, "running_mean", None) is not None]  # BatchNorm
-    if not names:
-        return params  # nothing to recompute, and no copy of the model made
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
-    norms = {name: probe.get_submodule(name) for name in names}
+    norms = {name: m for name, m in probe.named_modules() if getattr(m, "running_mean", None) is not None}  # BatchNorm
+    if not norms:
+        return params  # nothing to recompute
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None  # cumulative average of the batch statistics
@@ -336,7 +319,6 @@ def recompute_bn(model, params, x, batch_size=256, precision=torch.float32):
         with autocast(x.device, precision):
             functional_call(probe, {**params, **stats}, (xb,))
     return {**params, **stats}
-
 
 @torch.inference_mode()
 def evaluate(model, params, x, y, batch_size=256, precision=torch.float32):
@@ -351,17 +333,14 @@ def evaluate(model, params, x, y, batch_size=256, precision=torch.float32):
     log_probs = torch.cat(log_probs)
     return F.nll_loss(log_probs, y).item(), (log_probs.argmax(1) == y).float().mean().item(), log_probs
 
-
 def barrier(values, ts):
     """Barrier height: max_t [ v(t) - ((1-t) v(0) + t v(1)) ], for values v at ts (ts[0]=0, ts[-1]=1)."""
     return max(v - ((1 - t) * values[0] + t * values[-1]) for v, t in zip(values, ts, strict=True))
-
 
 def progress(log, name, done, total, start):
     """One line for a long loop, readable in a log file: what is done, what is left and the time left."""
     spent = time.perf_counter() - start
     log(f"{name}: {done}/{total} done, {total - done} left, about {spent / done * (total - done):.0f} s left")
-
 
 def sweep(model, paths, ts, data, eval_train, bn_images=2000, batch_size=256, log=print, precision=torch.float32):
     """Per path (points, coeffs) and t: train/test loss and accuracy, and test log-probs (T, N, C)."""
@@ -407,7 +386,6 @@ def fge_lr(step, cycle_steps, lr_high, lr_low):
     frac = (step % cycle_steps + 1) / cycle_steps
     return lr_low + (lr_high - lr_low) * (1 - abs(2 * frac - 1))
 
-
 def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low=1e-4, batch_size=128,
                   weight_decay=5e-4, augment_pad=4, seed=0, log=print, precision=torch.float32):
     """Fast Geometric Ensembling: SGD from w with a cyclical rate (fge_lr); returns (cycle-end snapshots, history)."""
@@ -423,12 +401,10 @@ def fge_snapshots(model, w, x, y, cycles=4, cycle_epochs=2, lr_high=0.01, lr_low
         snapshots.append(detached(model.state_dict()))  # with BatchNorm: the statistics of training too
     return snapshots, history
 
-
 def simplex_coeffs(n, gen=None):
     """A uniform point of the simplex with n vertices (Dirichlet(1, ..., 1)): c_j = e_j / sum_i e_i, e_j ~ Exp(1)."""
     e = torch.empty(n, dtype=torch.float64).exponential_(generator=gen)
     return (e / e.sum()).tolist()
-
 
 def simplex_volume(vertices):
     """Cayley-Menger volume (differentiable): vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1], [1, D]], D = dist^2."""
@@ -438,7 +414,6 @@ def simplex_volume(vertices):
     cm[0, 0] = 0  # the bordered matrix [[0, 1^T], [1, D]]
     volume_sq = (-1) ** (k + 1) * torch.linalg.det(cm) / (2 ** k * math.factorial(k) ** 2)
     return volume_sq.clamp_min(0).sqrt()
-
 
 def train_simplex(model, vertices, x, y, new_vertices=2, epochs=3, batch_size=128, lr=0.05, weight_decay=5e-4,
                   lam=1e-3, augment_pad=4, seed=0, log=print, precision=torch.float32):
@@ -466,12 +441,10 @@ class Group(NamedTuple):
     tensors: list  # [(tensor name, axis, block)]: weights and biases, matched and permuted
     statistics: list  # [(tensor name, axis, block)]: BatchNorm running statistics, permuted only
 
-
 # Operations that treat each unit (channel) on its own: a space of units passes through them unchanged.
 PER_UNIT = {"relu", "leakyrelu", "gelu", "silu", "elu", "tanh", "sigmoid", "relu6", "hardtanh", "identity", "dropout",
             "dropout1d", "dropout2d", "maxpool1d", "maxpool2d", "avgpool1d", "avgpool2d", "adaptiveavgpool1d",
             "adaptiveavgpool2d", "adaptivemaxpool2d", "contiguous", "clone", "add", "iadd", "sub"}
-
 
 def operation_kind(node, modules):
     """What one operation of a traced graph does to the units (axis 1) of the tensors it reads."""
@@ -486,12 +459,10 @@ def operation_kind(node, modules):
              "view": "reshape", "reshape": "reshape", "mean": "mean", "size": "ignore", "dim": "ignore"}
     return kinds.get(name, "other")  # size, dim: numbers, not units; other: the input, the output, anything else
 
-
 def shape_of(node):
     """The output shape that shape propagation recorded for a node, or None if its output is not one tensor."""
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if hasattr(meta, "shape") else None
-
 
 def block_factor(node, kind):
     """Output entries per input entry on axis 1 (H*W for a flattened (B, C, H, W) map, else 1); None: units lost."""
@@ -508,12 +479,10 @@ def block_factor(node, kind):
     same = all(shape_of(n) is not None and shape_of(n)[1:2] == shape[1:2] for n in node.all_input_nodes)
     return 1 if same else None
 
-
 def join(parent, a, b):
     """Union-find, kept flat (parent[s] is s's root): merge the spaces of a and b into the smaller root (0 wins)."""
     keep, drop = sorted((parent[a], parent[b]))  # the two roots
     parent[:] = [keep if p == drop else p for p in parent]
-
 
 def trace_units(model, x):
     """Units through the traced graph: [(space, tensor, axis, block, is_statistic)] and the union-find of spaces."""
@@ -554,7 +523,6 @@ def trace_units(model, x):
             unit[node] = (0, 1)
     return entries, parent
 
-
 @torch.no_grad()
 def permutation_groups(model, x):
     """{name: Group} of hidden units that can be reordered without changing model(x) (traced, then self-checked)."""
@@ -588,7 +556,6 @@ def permutation_groups(model, x):
                              f"{type(model).__name__}; this network cannot be aligned here")
     return groups
 
-
 def permute_units(params, perms, groups):
     """The same function with hidden units reordered: along every axis of groups[name], slot u takes unit perm[u]."""
     out = dict(params)
@@ -598,7 +565,6 @@ def permute_units(params, perms, groups):
                 moved = out[tensor].unflatten(axis, (-1, block)).index_select(axis, perm.to(out[tensor].device))
                 out[tensor] = torch.empty_like(params[tensor]).copy_(moved.flatten(axis, axis + 1))  # layout kept
     return out
-
 
 @torch.no_grad()
 def match_weights(w1, w2, groups, max_rounds=100):
@@ -625,7 +591,6 @@ def match_weights(w1, w2, groups, max_rounds=100):
         if all(torch.equal(perms[name], before[name]) for name in perms):  # a round that changed nothing
             break
     return permute_units(w2, perms, groups)
-
 
 def layerwise_barriers(model, w1, targets, ts, data, eval_train, bn_images=2000, log=print, precision=torch.float32):
     """Barriers [path][layer] when one layer's own tensors move from w1 to targets[path]; its error at t=1."""
@@ -667,7 +632,6 @@ def save_figure(axes, path, grid=True, **legend):
             ax.grid(alpha=0.3)
     write_atomic(path, lambda tmp: axes[0].figure.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
-
 def plot_landscape(losses, coords, curve_xy, names, title, path):
     """Filled contour of the loss grid (log levels), the curve, the line, and names of w1, w2, theta at their places."""
     from matplotlib.figure import Figure
@@ -689,11 +653,9 @@ def plot_landscape(losses, coords, curve_xy, names, title, path):
     ax.set(xlabel=f"a (towards {names[0]})", ylabel=f"b (towards {names[1]})", title=title)
     save_figure([ax], path, grid=False, ncols=2, fontsize=8, facecolor="0.6")  # grey: the white line shows
 
-
 PATH_STYLES = {"curve": ("o-", "tab:red"), "line": ("s--", "tab:gray"), "aligned": ("^-.", "tab:green")}
 ENSEMBLE_COLOURS = {"w1": "tab:blue", "w2": "tab:cyan", "w1+w2": "tab:purple", "curve": "tab:red",
                     "fge": "tab:orange", "simplex": "tab:brown"}  # the curve's red is the curve's in every figure
-
 
 def plot_sweep(ts, metrics, layerwise, title, path):
     """Test error and train loss along t on each path, then each layer's test-error barrier (layerwise)."""
@@ -719,7 +681,6 @@ def plot_sweep(ts, metrics, layerwise, title, path):
         axes[2].text(0.98, 0.95, f"{' and '.join(flat)}: no barrier at any layer", ha="right", va="top",
                      transform=axes[2].transAxes)
     save_figure(axes, path, ncols=2)
-
 
 def plot_ensembles(ts, ens, pairs, title, path):
     """Accuracy of each ensemble against its cost, reliability diagram, and {w1, phi(t)} pairs along t, in percent."""
@@ -765,7 +726,6 @@ def run_stage(args, name, compute, timings, log=print):
     timings[name] = {"seconds": result["seconds"], "images_per_s": result["images"] / result["seconds"]}
     return result
 
-
 COEFFS = {"bezier": bezier_coeffs, "polychain": polychain_coeffs}  # --curve
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --precision
 QUICK = {"epochs": 4, "curve_epochs": 12, "curve_lr": 0.02, "batch_size": 64, "train_subset": 4000,
@@ -782,7 +742,6 @@ STAGE_OPTIONS = {"endpoints": DATA_OPTIONS, "curve": CURVE_OPTIONS,
                  "simplex": DATA_OPTIONS + ["curve_lr", "simplex_vertices", "simplex_epochs", "bn_images"],
                  "layerwise": DATA_OPTIONS + ["eval_test", "bn_images"],
                  "landscape": CURVE_OPTIONS + ["grid", "eval_test", "bn_images"]}
-
 
 def build_parser():
     """The command line's options, in groups: data, training, curve, fast ensembles, evaluation, run control."""
@@ -841,7 +800,6 @@ def build_parser():
       "(auto: bf16 on a GPU that has it, and on a CPU where a few training steps measure it 1.2x faster)")
     return p
 
-
 def parse_args(argv):
     """Parse and check the options (a bad one: ValueError naming it and its value); create the --out folder."""
     parser = build_parser()
@@ -857,13 +815,11 @@ def parse_args(argv):
     Path(args.out).mkdir(parents=True, exist_ok=True)  # OSError (main: one line) now, or at the first checkpoint
     return args
 
-
 def new_model(data, width, seed, device, batchnorm=False):
     """A ConvNet shaped for the data; its initial weights and dropout masks depend on the seed alone."""
     torch.manual_seed(seed)
     model = ConvNet(data.train_x.shape[1], len(data.classes), data.train_x.shape[2], width, batchnorm=batchnorm)
     return model.to(device, memory_format=torch.channels_last)
-
 
 def choose_precision(requested, model, x, y, repeat=4):
     """(name, bf16 speed-up or None). auto: bf16 on a CUDA GPU with bf16, or on a CPU if it trains >= 1.2x faster."""
@@ -881,7 +837,6 @@ def choose_precision(requested, model, x, y, repeat=4):
     bf16 = min(timeit.repeat(partial(step, torch.bfloat16), number=1, repeat=repeat))  # disturbed by other work
     return ("bf16" if fp32 / bf16 >= 1.2 else "fp32"), fp32 / bf16
 
-
 def endpoints_stage(args, data, fit):
     """Both endpoints: one training function, seeds args.seed and args.seed + 1 (fit: what all SGD runs share)."""
     states, history = [], []
@@ -890,7 +845,6 @@ def endpoints_stage(args, data, fit):
         history += train_endpoint(model, data.train_x, data.train_y, args.epochs, lr=args.lr, seed=seed, **fit)
         states.append(detached(model.state_dict()))  # with BatchNorm: its running statistics too
     return {"states": states, "history": history, "images": sum(h["images"] for h in history)}
-
 
 def sweep_stage(args, model, paths, ts, data, log):
     """The paths along t; with BatchNorm also the line and aligned line with the endpoints' statistics interpolated."""
@@ -901,7 +855,6 @@ def sweep_stage(args, model, paths, ts, data, log):
     metrics.update(sweep_paths(naive, bn_images=0)[0])  # 0: the endpoints' statistics interpolated, not recomputed
     per_point = min(args.eval_train, len(data.train_x)) + len(data.test_x)  # images evaluated at a point
     return {"metrics": metrics, "log_probs": log_probs, "images": len(ts) * (len(paths) + len(naive)) * per_point}
-
 
 def fast_ensemble_stage(args, kind, model, w1, data, fit):
     """FGE snapshots ("fge") or samples of a simplex grown from w1: members, test log-probabilities, cost."""
@@ -920,7 +873,6 @@ def fast_ensemble_stage(args, kind, model, w1, data, fit):
     return {"epochs": len(history), "members": members, "log_probs": log_probs,
             "history": history, "images": sum(h["images"] for h in history) + len(members) * len(data.test_x)}
 
-
 def layerwise_stage(args, model, w1, targets, data, log):
     """Barriers with one layer moving from w1 to each target, on --eval-test train and test images per point."""
     ts = [i / 10 for i in range(11)]  # t = 0, 0.1, ..., 1 for every run: fixed, unlike the sweep's --points
@@ -929,7 +881,6 @@ def layerwise_stage(args, model, w1, targets, data, log):
     result = layerwise_barriers(model, w1, targets, ts, small, eval_train=n, bn_images=args.bn_images, log=log,
                                 precision=PRECISIONS[args.precision])
     return {"barriers": result, "images": len(targets) * len(result["line"]) * len(ts) * 2 * n}
-
 
 def landscape_stage(args, model, points, data, log):
     """Loss on a grid in the plane of w1, w2 and theta (phi(0.5) for several bends), and the curve in it (one bend)."""
@@ -943,7 +894,6 @@ def landscape_stage(args, model, points, data, log):
     names = ["w1", "aligned w2" if args.align_curve else "w2", "theta" if args.bends == 1 else "phi(0.5)"]
     return {"test_loss": losses, "coords": coords, "curve_xy": [(c[0], c[2]) for c in curve],  # see landscape
             "names": names, "images": len(coords) ** 2 * len(x)}
-
 
 def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model, w1, data):
     """results.json: accuracies and errors as fractions in [0, 1], losses in nats, speed ratios in images/s."""
@@ -965,7 +915,6 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
             "landscape": {"plane": "squeezed", "range": [land["coords"][0], land["coords"][-1]], "grid": args.grid,
                           **{k: land[k] for k in ("test_loss", "coords", "curve_xy", "names")}},
             "efficiency": {"plain_inference_images_per_s": plain["inference"], **speed}}
-
 
 def run(args, log=print):
     """The recipe, one call per stage from the data to the figures; writes everything to args.out, returns results."""
@@ -1025,7 +974,6 @@ def run(args, log=print):
     log(f"done: test-error barriers {barriers}; wrote {out}/results.json")
     return results
 
-
 def main(argv=None):
     """Command line: bad input ends with one line on stderr and exit code 2; Ctrl-C with code 130."""
     try:
@@ -1036,7 +984,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("modeconnectivity.py: interrupted; finished stages are saved, rerun with --resume", file=sys.stderr)
         sys.exit(130)
-
 
 if __name__ == "__main__":
     main()
