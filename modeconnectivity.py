@@ -407,11 +407,14 @@ def simplex_coeffs(n, gen=None):
     return (e / e.sum()).tolist()
 
 def simplex_volume(vertices):
-    """Cayley-Menger volume (differentiable): vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1], [1, D]], D = dist^2."""
+    """Cayley-Menger volume (differentiable): vol^2 = (-1)^(k+1) / (2^k (k!)^2) det [[0, 1^T], [1, D]], D = dist^2."""
     k = len(vertices) - 1
-    d2 = [[sum((a[n] - b[n]).double().square().sum() for n in a) for b in vertices] for a in vertices]  # D = dist^2
-    cm = F.pad(torch.stack([torch.stack(row) for row in d2]), (1, 0, 1, 0), value=1.0)  # [[1, 1^T], [1, D]]
-    cm[0, 0] = 0  # the bordered matrix [[0, 1^T], [1, D]]
+    device = next(iter(vertices[0].values())).device
+    cm = torch.ones(k + 2, k + 2, dtype=torch.float64, device=device)  # the bordered matrix [[0, 1^T], [1, D]]
+    cm[0, 0] = 0
+    for i, a in enumerate(vertices):
+        for j, b in enumerate(vertices):  # D[i, j]: squared distance of vertices i and j, summed over the tensors
+            cm[i + 1, j + 1] = sum((a[name] - b[name]).double().square().sum() for name in a)
     volume_sq = (-1) ** (k + 1) * torch.linalg.det(cm) / (2 ** k * math.factorial(k) ** 2)
     return volume_sq.clamp_min(0).sqrt()
 
@@ -561,9 +564,12 @@ def permute_units(params, perms, groups):
     out = dict(params)
     for name, perm in perms.items():
         for tensor, axis, block in groups[name].tensors + groups[name].statistics:
-            if tensor in out:  # a parameter dict has no running statistics
-                moved = out[tensor].unflatten(axis, (-1, block)).index_select(axis, perm.to(out[tensor].device))
-                out[tensor] = torch.empty_like(params[tensor]).copy_(moved.flatten(axis, axis + 1))  # layout kept
+            if tensor not in out:  # a parameter dict has no running statistics
+                continue
+            if out[tensor].dim() <= axis or out[tensor].shape[axis] != len(perm) * block:
+                raise ValueError(f"weights: tensor {tensor} does not hold {len(perm)} units along axis {axis}")
+            moved = out[tensor].unflatten(axis, (-1, block)).index_select(axis, perm.to(out[tensor].device))
+            out[tensor] = torch.empty_like(params[tensor]).copy_(moved.flatten(axis, axis + 1))  # layout kept
     return out
 
 @torch.no_grad()
@@ -660,7 +666,7 @@ ENSEMBLE_COLOURS = {"w1": "tab:blue", "w2": "tab:cyan", "w1+w2": "tab:purple", "
 def plot_sweep(ts, metrics, layerwise, title, path):
     """Test error and train loss along t on each path, then each layer's test-error barrier (layerwise)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import LogLocator
+    from matplotlib.ticker import LogLocator, NullFormatter
     axes = Figure(figsize=(15, 3.8)).subplots(1, 3, gridspec_kw={"wspace": 0.3})
     for name, m in metrics.items():
         style, color = PATH_STYLES.get(name, (":", PATH_STYLES[name.split("_")[0]][1]))  # *_interpolated_bn: dotted
@@ -670,6 +676,7 @@ def plot_sweep(ts, metrics, layerwise, title, path):
     axes[1].set(xlabel="t", ylabel="train loss (nats)", yscale="log", title="train loss along t")
     axes[1].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.1, 0.2, 0.5, 1, 2: labels that read as numbers
     axes[1].yaxis.set_major_formatter("{x:g}")
+    axes[1].yaxis.set_minor_formatter(NullFormatter())  # minor ticks unlabelled: no 3x10^-1 beside 0.5
     layers = list(layerwise["line"])
     for i, (name, barriers) in enumerate(layerwise.items()):
         heights = [100 * barriers[layer]["test_error"] for layer in layers]  # points of test error
@@ -747,7 +754,10 @@ def build_parser():
     """The command line's options, in groups: data, training, curve, fast ensembles, evaluation, run control."""
     p = argparse.ArgumentParser(prog="modeconnectivity.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows defaults
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # one line, without the usage block
+
+    def error(message):  # one line, without the usage block
+        p.exit(2, f"{p.prog}: error: {message}\n")
+    p.error = error
 
     def number(kind, low, strict=False):  # an argparse type: an int or float >= low (> low if strict)
         def parse(text):
@@ -815,11 +825,11 @@ def parse_args(argv):
     Path(args.out).mkdir(parents=True, exist_ok=True)  # OSError (main: one line) now, or at the first checkpoint
     return args
 
-def new_model(data, width, seed, device, batchnorm=False):
-    """A ConvNet shaped for the data; its initial weights and dropout masks depend on the seed alone."""
+def new_model(data, width, seed, batchnorm=False):
+    """A ConvNet shaped for the data, on its device; its initial weights and dropout masks depend on the seed alone."""
     torch.manual_seed(seed)
     model = ConvNet(data.train_x.shape[1], len(data.classes), data.train_x.shape[2], width, batchnorm=batchnorm)
-    return model.to(device, memory_format=torch.channels_last)
+    return model.to(data.train_x.device, memory_format=torch.channels_last)
 
 def choose_precision(requested, model, x, y, repeat=4):
     """(name, bf16 speed-up or None). auto: bf16 on a CUDA GPU with bf16, or on a CPU if it trains >= 1.2x faster."""
@@ -841,7 +851,7 @@ def endpoints_stage(args, data, fit):
     """Both endpoints: one training function, seeds args.seed and args.seed + 1 (fit: what all SGD runs share)."""
     states, history = [], []
     for seed in (args.seed, args.seed + 1):
-        model = new_model(data, args.width, seed, data.train_x.device, args.batchnorm)
+        model = new_model(data, args.width, seed, args.batchnorm)
         history += train_endpoint(model, data.train_x, data.train_y, args.epochs, lr=args.lr, seed=seed, **fit)
         states.append(detached(model.state_dict()))  # with BatchNorm: its running statistics too
     return {"states": states, "history": history, "images": sum(h["images"] for h in history)}
@@ -918,14 +928,15 @@ def collect_results(args, ts, metrics, ens, pairs, layers, land, timings, model,
 
 def run(args, log=print):
     """The recipe, one call per stage from the data to the figures; writes everything to args.out, returns results."""
-    out, device = Path(args.out), torch.device(args.device)
+    out = Path(args.out)
     t0 = time.perf_counter()
-    data = load_data(args.dataset, args.data_dir, device, args.train_subset, args.test_subset, args.seed, log=log)
+    data = load_data(args.dataset, args.data_dir, args.device, train_size=args.train_subset, test_size=args.test_subset,
+                     seed=args.seed, log=log)
     timings = {"data": {"seconds": time.perf_counter() - t0, "images_per_s": None}}  # no image through the network
     label = args.label or (Path(args.data_dir).name if args.dataset == "folder" else args.dataset)  # in titles
     log(f"data: {label}, {len(data.train_x)} train and {len(data.test_x)} test images {tuple(data.train_x.shape[1:])}")
     requested = args.precision
-    probe = new_model(data, args.width, args.seed, device, args.batchnorm)  # timed on one batch, then dropped
+    probe = new_model(data, args.width, args.seed, args.batchnorm)  # timed on one batch, then dropped
     batch = (data.train_x[:args.batch_size], data.train_y[:args.batch_size])
     args.precision, speedup = choose_precision(requested, probe, *batch)  # checkpoints are named with the choice
     log(f"precision: {args.precision} ({requested}" + (f"; bf16 trained {speedup:.2f}x as fast)" if speedup else ")"))
@@ -933,7 +944,7 @@ def run(args, log=print):
     fit = {"batch_size": args.batch_size, "weight_decay": args.wd, "log": log, "precision": PRECISIONS[args.precision],
            "augment_pad": 0 if args.no_augment or data.train_x.shape[1] != 3 else 4}  # what every SGD run shares
     w1, w2 = stage("endpoints", lambda: endpoints_stage(args, data, fit))["states"]
-    model = new_model(data, args.width, args.seed + 2, device, args.batchnorm)  # functional_call gives its weights
+    model = new_model(data, args.width, args.seed + 2, args.batchnorm)  # functional_call gives its weights
     aligned = match_weights(w1, w2, permutation_groups(model, data.train_x[:4]))  # w2's units in w1's order
 
     def curve_stage():  # the curve from w1 to w2, or to the aligned w2

@@ -46,7 +46,8 @@ def trained():
     for seed in (0, 1):
         torch.manual_seed(seed)
         m = mc.ConvNet(3, 10, 16, width=16)
-        mc.train_endpoint(m, data.train_x, data.train_y, 10, 32, 0.05, 5e-4, 2, seed, log=lambda s: None)
+        mc.train_endpoint(m, data.train_x, data.train_y, epochs=10, batch_size=32, lr=0.05,
+                          weight_decay=5e-4, augment_pad=2, seed=seed, log=lambda s: None)
         ends.append({k: v.detach() for k, v in m.named_parameters()})
     return data, model, ends
 
@@ -418,6 +419,58 @@ def test_permuted_network_computes_the_same_function():
         assert torch.allclose(functional_call(model, permuted, (x,)), functional_call(model, w, (x,)), atol=1e-5)
 
 
+def test_join_merges_two_spaces_under_the_smaller_root():
+    parent = [0, 1, 2, 3]
+    mc.join(parent, 3, 2)
+    assert parent == [0, 1, 2, 2]
+    mc.join(parent, 1, 3)  # 3's root is 2: spaces 1, 2 and 3 become one, rooted at 1
+    assert parent == [0, 1, 1, 1]
+    mc.join(parent, 2, 0)  # space 0 (units kept in place) absorbs them all
+    assert parent == [0, 0, 0, 0]
+
+
+def test_trace_units_of_a_two_layer_perceptron():
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    entries, parent = mc.trace_units(mlp, torch.randn(2, 4))
+    assert entries == [(0, "0.weight", 1, 1, False), (1, "0.weight", 0, 1, False), (1, "0.bias", 0, 1, False),
+                       (1, "2.weight", 1, 1, False), (2, "2.weight", 0, 1, False), (2, "2.bias", 0, 1, False)]
+    assert parent == [0, 1, 0]  # the hidden units (space 1) move; the outputs (space 2) reach the output: kept
+
+
+def test_sgd_epochs_learns_and_stops_on_a_diverging_objective():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=gen)
+    y = (x[:, 0] > 0).long()  # separable by the first feature
+    linear = torch.nn.Linear(5, 2)
+
+    def forward(xb):
+        return linear(xb), 0.0
+    history = mc.sgd_epochs(list(linear.parameters()), forward, x, y, epochs=3, batch_size=32,
+                            lr_at=lambda step, total: 0.5, weight_decay=0.0, augment_pad=0, seed=0,
+                            log=lambda s: None, name="linear")
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all(h["images"] == 256 for h in history)
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["acc"] > 0.9
+
+    def diverging(xb):
+        return linear(xb), torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match="linear: objective nan at epoch 1, step 1.*diverged"):
+        mc.sgd_epochs(list(linear.parameters()), diverging, x, y, epochs=1, batch_size=32,
+                      lr_at=lambda step, total: 0.5, weight_decay=0.0, augment_pad=0, seed=0,
+                      log=lambda s: None, name="linear")
+
+
+def test_permute_units_refuses_weights_of_another_width():
+    groups = convnet_groups(width=4)
+    w = random_params(0, width=8)  # twice as many units as the groups describe
+    with pytest.raises(ValueError, match="tensor conv1.weight does not hold 4 units along axis 0"):
+        mc.permute_units(w, random_perms(groups, 0), groups)
+    bn_groups = convnet_groups(width=4, batchnorm=True)
+    state = mc.ConvNet(3, 10, 16, width=4, batchnorm=True).state_dict()
+    state["bn2.running_var"] = torch.ones(3)  # a running statistic of the wrong size: refused, not skipped
+    with pytest.raises(ValueError, match="tensor bn2.running_var does not hold 8 units"):
+        mc.permute_units(state, random_perms(bn_groups, 0), bn_groups)
+
+
 def test_match_weights_recovers_a_known_permutation():
     w = random_params(3, width=8)
     groups = convnet_groups(width=8)
@@ -527,7 +580,8 @@ def test_batchnorm_sweep_recomputes_and_evaluate_refuses_stale_statistics():
     for seed in (0, 1):
         torch.manual_seed(seed)
         m = mc.ConvNet(3, 10, 16, width=4, batchnorm=True)
-        mc.train_endpoint(m, data.train_x, data.train_y, 2, 64, 0.05, 5e-4, 2, seed, log=lambda s: None)
+        mc.train_endpoint(m, data.train_x, data.train_y, epochs=2, batch_size=64, lr=0.05,
+                          weight_decay=5e-4, augment_pad=2, seed=seed, log=lambda s: None)
         ends.append(m.state_dict())
     w1, w2 = ends
     metrics, _ = mc.sweep(model, {"line": ([w1, w2], mc.bezier_coeffs)}, [0.0, 0.5, 1.0], data, 128, bn_images=300,
@@ -624,7 +678,8 @@ def test_resnet_groups_follow_the_residual_streams_and_a_planted_permutation_is_
     torch.manual_seed(0)
     model = SmallResNet(width=4)
     data = tiny_data()
-    mc.train_endpoint(model, data.train_x, data.train_y, 2, 64, 0.05, 5e-4, 2, 0, log=lambda s: None)
+    mc.train_endpoint(model, data.train_x, data.train_y, epochs=2, batch_size=64, lr=0.05,
+                      weight_decay=5e-4, augment_pad=2, seed=0, log=lambda s: None)
     model.eval()
     groups = mc.permutation_groups(model, data.test_x[:4])
     stream1 = {t for t, _, _ in groups["conv"].tensors}  # the stem writes the first stream; each block adds to it
@@ -828,8 +883,9 @@ def test_fp32_run_is_what_the_functions_do_without_a_precision(tiny_run):
     out, results = tiny_run
     assert results["versions"]["precision"] == "fp32" and results["versions"]["bf16_training_speedup"] is None
     data = mc.load_data("synthetic", None, "cpu", train_size=512, test_size=128, seed=0)
-    model = mc.new_model(data, width=4, seed=0, device="cpu")
-    mc.train_endpoint(model, data.train_x, data.train_y, 2, 64, 0.05, 5e-4, 4, 0, log=lambda s: None)
+    model = mc.new_model(data, width=4, seed=0)
+    mc.train_endpoint(model, data.train_x, data.train_y, epochs=2, batch_size=64, lr=0.05,
+                      weight_decay=5e-4, augment_pad=4, seed=0, log=lambda s: None)
     saved = torch.load(checkpoint(out, "endpoints"), weights_only=True)["result"]["states"][0]
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # bit for bit
 
@@ -840,13 +896,14 @@ def test_bf16_trains_as_well_as_fp32():
     for precision in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = mc.ConvNet(3, 10, 16, width=16)
-        mc.train_endpoint(model, data.train_x, data.train_y, 10, 32, 0.05, 5e-4, 2, 0, log=lambda s: None,
+        mc.train_endpoint(model, data.train_x, data.train_y, epochs=10, batch_size=32, lr=0.05,
+                          weight_decay=5e-4, augment_pad=2, seed=0, log=lambda s: None,
                           precision=precision)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
         weights = dict(model.named_parameters())
         accuracy[precision] = mc.evaluate(model, weights, data.test_x, data.test_y, precision=precision)[1]
     # a stale-weight mistake (one autocast context around the whole loop) would stay near chance, 0.1
-    assert accuracy[torch.float32] > 0.5 and abs(accuracy[torch.bfloat16] - accuracy[torch.float32]) < 0.1
+    assert accuracy[torch.float32] > 0.5 and abs(accuracy[torch.bfloat16] - accuracy[torch.float32]) < 0.05
 
 
 def test_bf16_run_records_its_precision_and_keeps_float32_weights(tmp_path):
