@@ -411,10 +411,10 @@ def simplex_volume(vertices):
     k = len(vertices) - 1
     device = next(iter(vertices[0].values())).device
     cm = torch.ones(k + 2, k + 2, dtype=torch.float64, device=device)  # the bordered matrix [[0, 1^T], [1, D]]
-    cm[0, 0] = 0
+    cm.diagonal().zero_()  # the corner, and each vertex's distance to itself
     for i, a in enumerate(vertices):
-        for j, b in enumerate(vertices):  # D[i, j]: squared distance of vertices i and j, summed over the tensors
-            cm[i + 1, j + 1] = sum((a[name] - b[name]).double().square().sum() for name in a)
+        for j, b in enumerate(vertices[:i]):  # each pair once, D being symmetric: squared distance over all tensors
+            cm[i + 1, j + 1] = cm[j + 1, i + 1] = sum((a[name] - b[name]).double().square().sum() for name in a)
     volume_sq = (-1) ** (k + 1) * torch.linalg.det(cm) / (2 ** k * math.factorial(k) ** 2)
     return volume_sq.clamp_min(0).sqrt()
 
