@@ -306,10 +306,10 @@ def train_curve(model, w1, w2, x, y, coeffs=bezier_coeffs, bends=1, epochs=10, b
 @torch.no_grad()
 def recompute_bn(model, params, x, batch_size=256, precision=torch.float32):
     """params plus BatchNorm running statistics at these weights: their average over one pass of x, dropout off."""
+    if all(getattr(m, "running_mean", None) is None for m in model.modules()):  # no BatchNorm layer
+        return params  # nothing to recompute, and no copy made
     probe = copy.deepcopy(model).eval()  # a copy: the model's own statistics and modes stay as they were
-    norms = {name: m for name, m in probe.named_modules() if getattr(m, "running_mean", None) is not None}  # BatchNorm
-    if not norms:
-        return params  # nothing to recompute
+    norms = {name: m for name, m in probe.named_modules() if getattr(m, "running_mean", None) is not None}
     for m in norms.values():
         m.reset_running_stats()
         m.momentum = None  # cumulative average of the batch statistics
