@@ -136,7 +136,7 @@ def load_data(name, data_dir, device, train_size=None, test_size=None, seed=0, i
     tx, ty, vx, vy = tx[:train_size], ty[:train_size], vx[:test_size], vy[:test_size]
     mean = tx.float().mean((0, 2, 3), keepdim=True).to(device)  # per-channel statistics of the training images
     std = tx.float().std((0, 2, 3), keepdim=True).clamp_min(1e-3).to(device)
-    # channels_last (N, H, W, C in memory): the layout the CPU convolutions ran fastest with (README)
+    # channels_last (N, H, W, C in memory): the layout in which the CPU convolutions ran fastest (see curve_point)
     def prepare(x):
         return ((x.to(device).float() - mean) / std).contiguous(memory_format=torch.channels_last)
     return Data(prepare(tx), ty.to(device), prepare(vx), vy.to(device), list(classes))
