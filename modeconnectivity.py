@@ -174,7 +174,8 @@ def one_cycle_lr(step, total_steps, peak_lr, warmup=0.2):
 
 def autocast(device, precision):
     """Autocast for ONE forward pass (float32: off); never around a loop, which would reuse its first bf16 weights."""
-    return torch.autocast(torch.device(device).type, dtype=precision, enabled=precision != torch.float32)
+    enabled = precision != torch.float32  # float32: no context at all (torch before 2.5 refuses one for "mps")
+    return torch.autocast(torch.device(device).type, dtype=precision) if enabled else contextlib.nullcontext()
 
 def sgd_epochs(params, forward, x, y, epochs, batch_size, lr_at, weight_decay, augment_pad, seed, log, name,
                precision=torch.float32):
@@ -576,13 +577,12 @@ def permute_units(params, perms, groups):
 def match_weights(w1, w2, groups, max_rounds=100):
     """Weight matching (Git Re-Basin): pi(w2) maximising <w1, pi(w2)>, one group at a time until no group changes."""
     from scipy.optimize import linear_sum_assignment
-    for group in groups.values():  # the weights must describe the network the groups came from
-        for tensor, axis, block in group.tensors:
-            for w in (w1, w2):
-                if tensor not in w or w[tensor].dim() <= axis or w[tensor].shape[axis] != group.units * block:
-                    found = "missing" if tensor not in w else f"of shape {tuple(w[tensor].shape)}"
-                    raise ValueError(f"weights: tensor {tensor} is {found}; its axis {axis} holds {group.units} units")
     perms = {name: torch.arange(group.units) for name, group in groups.items()}
+    for tensor in dict.fromkeys(t for group in groups.values() for t, _, _ in group.tensors):  # in the groups' order
+        if tensor not in w1 or tensor not in w2 or w1[tensor].shape != w2[tensor].shape:  # two weights of one network
+            found = [f"of shape {tuple(w[tensor].shape)}" if tensor in w else "missing" for w in (w1, w2)]
+            raise ValueError(f"weights: tensor {tensor} is {found[0]} in w1, {found[1]} in w2: not one network's")
+    permute_units(w1, perms, groups)  # ValueError if a tensor's axis does not hold its group's units
     for _ in range(max_rounds):
         before = dict(perms)
         for name, group in groups.items():

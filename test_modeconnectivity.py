@@ -1,5 +1,6 @@
 """Tests on tiny synthetic data: python -m pytest (about half a minute on two CPU cores, no network)."""
 import builtins
+import contextlib
 import json
 import math
 import os
@@ -810,10 +811,27 @@ def test_untraceable_models_and_bad_weights_are_refused_in_one_line():
         mc.permutation_groups(Branching(), torch.randn(2, 3, 8, 8))
     groups = convnet_groups()
     w1, w2 = random_params(0), random_params(1)
-    with pytest.raises(ValueError, match="tensor conv2.weight is missing"):
+    with pytest.raises(ValueError, match=r"tensor conv2.weight is of shape \(8, 4, 3, 3\) in w1, missing in w2"):
         mc.match_weights(w1, {k: v for k, v in w2.items() if k != "conv2.weight"}, groups)
-    with pytest.raises(ValueError, match=r"tensor conv1.weight is of shape \(8, 3, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"tensor conv1.weight is of shape \(8, 3, 3, 3\) in w1, of shape \(4, 3"):
         mc.match_weights(random_params(0, width=8), w2, groups)
+    hundred_classes = {**w2, "fc2.weight": torch.randn(100, 32)}  # an axis outside every group differs
+    with pytest.raises(ValueError, match=r"tensor fc2.weight is of shape \(10, 32\) in w1, of shape \(100, 32\)"):
+        mc.match_weights(w1, hundred_classes, groups)
+    with pytest.raises(ValueError, match="tensor conv1.weight does not hold 4 units along axis 0"):
+        mc.match_weights(random_params(0, width=8), random_params(1, width=8), groups)  # both of another width
+
+
+def test_the_self_check_refuses_groups_that_change_the_function(monkeypatch):
+    # with spaces never merged, the logits become a group of their own: reordering them changes the outputs
+    monkeypatch.setattr(mc, "join", lambda parent, a, b: None)
+    with pytest.raises(ValueError, match="reordering the units of group fc2 changes the outputs of ConvNet"):
+        mc.permutation_groups(mc.ConvNet(3, 10, 16, width=4), torch.randn(2, 3, 16, 16))
+
+
+def test_float32_opens_no_autocast_context():
+    assert isinstance(mc.autocast("mps", torch.float32), contextlib.nullcontext)  # older torch refuses "mps"
+    assert isinstance(mc.autocast("cpu", torch.bfloat16), torch.autocast)
 
 
 def test_match_weights_takes_parameters_that_require_grad():
