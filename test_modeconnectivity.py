@@ -1,4 +1,4 @@
-"""Tests on tiny synthetic data: python -m pytest (about 70 to 80 s on two CPU cores, no network)."""
+"""Tests on tiny synthetic data: python -m pytest (about 70 to 90 s on two CPU cores, no network)."""
 import builtins
 import contextlib
 import json
